@@ -1,0 +1,52 @@
+"""The Hydra entry point (`svdexp`): compose the config, validate, hand over to the runner, print a summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from svdexp.config import register_configs
+from svdexp.errors import ConfigError, NumericalError
+
+register_configs()
+
+# The config tree lives at the repository's top level (conf/); the package is installed editable from there.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def summary(results: dict) -> str:
+    """A few human-readable lines: what was compressed, how much, and the perplexities."""
+    c, m = results["compression"], results["metrics"]
+    lines = [f"svdexp: {results['model']['name']} | method={c['method']} allocation={c['allocation']} "
+             f"target ratio={c['target_ratio']:.3f}",
+             f"  removed: {c['achieved_ratio_targeted']:.4f} of targeted matrices, "
+             f"{c['achieved_ratio_model']:.4f} of the whole model | weights {c['weight_bytes'] / 2**20:.1f} MiB | "
+             f"compression {c['seconds']:.1f} s"]
+    for name, ppl in m["ppl"].items():
+        dense = m.get("dense_ppl", {}).get(name)
+        before = f"dense {dense:.2f} -> " if dense is not None else ""
+        lines.append(f"  perplexity {name}: {before}{ppl:.2f}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from svdexp.runner import run
+
+    try:
+        results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as err:
+        print(f"svdexp: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NumericalError as err:
+        print(f"svdexp: numerical failure: {err}", file=sys.stderr)
+        sys.exit(3)
+    print(summary(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

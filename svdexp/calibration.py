@@ -1,0 +1,285 @@
+"""Layer-by-layer activation statistics.
+
+The inputs of decoder layer 0 are captured once; then each layer in turn is moved to the device, run over
+the calibration samples with hooks on its input sites, and its outputs become the next layer's inputs.
+Peak memory is one decoder layer plus the activations, whatever the model's depth.
+
+Statistics per input site: ``H`` (Gram matrix ``X X^T``), ``abs_mean`` (mean ``|x|`` per channel),
+``H_stack`` (Gram matrix of sample-averaged groups, AdaSVD's stack-of-batch). Per decoder layer: ``cosine``
+(mean cosine similarity of the layer's input and output hidden states). Per matrix: ``fisher`` (summed squared
+gradients of the LM loss, reduced over rows or columns), from a separate backward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from svdexp.errors import NumericalError
+from svdexp.methods.linalg import damped_cholesky
+from svdexp.models.adapters import Adapter
+
+SITE_STATS = frozenset({"H", "abs_mean", "H_stack"})
+
+
+class SiteStats:
+    """The statistics of one input site, shared by the matrices reading it; caches its Cholesky factor."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.damping = 0.0
+        self._chol: dict[tuple[str, float], torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def cholesky(self, key: str = "H", eps: float = 1e-6) -> torch.Tensor:
+        """Lower ``S`` with ``S S^T = tensors[key]`` (damped if needed; the damping is recorded)."""
+        if (key, eps) not in self._chol:
+            chol = damped_cholesky(self.tensors[key], eps=eps)
+            self.damping = max(self.damping, chol.damping)
+            self._chol[(key, eps)] = chol.S
+        return self._chol[(key, eps)]
+
+
+@dataclass
+class MatrixStats:
+    """What a method sees for one matrix: its site's statistics plus its own (e.g. ``fisher``)."""
+    site: SiteStats
+    own: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.own[key] if key in self.own else self.site[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.own or key in self.site
+
+    def cholesky(self, key: str = "H", eps: float = 1e-6) -> torch.Tensor:
+        return self.site.cholesky(key, eps)
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering one decoder layer, per calibration batch, and the kwargs the model passed."""
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return parent, attr
+
+
+def capture_layer0_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int,
+                          device: torch.device) -> LayerInputs:
+    """Run the model up to decoder layer 0 and keep what enters it; only layer 0 visits the device."""
+    parent, attr = _parent_and_attr(model, adapter.layers_path)
+    layers = getattr(parent, attr)
+    captured = LayerInputs([], [])
+
+    def catch(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        captured.kwargs.append(kwargs)
+        raise _Stop
+
+    setattr(parent, attr, nn.ModuleList([layers[0]]))
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        model.to(device)
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                try:
+                    model(input_ids[start:start + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        setattr(parent, attr, layers)
+        model.to("cpu")
+    return captured
+
+
+def _hidden_out(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _SiteAccumulator:
+    """Accumulates one input site's statistics from the inputs its first linear receives."""
+
+    def __init__(self, needs: frozenset[str], groups: torch.Tensor | None, num_groups: int) -> None:
+        self.needs = needs
+        self.H: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None
+        self.count = 0
+        self.groups = groups              # sample index -> group id (stack-of-batch)
+        self.num_groups = num_groups
+        self.group_sums: torch.Tensor | None = None
+        self.sample_offset = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        b = x.shape[0]
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if "H" in self.needs:
+            h = (flat.T @ flat).double()
+            self.H = h if self.H is None else self.H + h
+        if "abs_mean" in self.needs:
+            a = flat.abs().sum(0).double()
+            self.abs_sum = a if self.abs_sum is None else self.abs_sum + a
+        if "H_stack" in self.needs:
+            if self.group_sums is None:
+                self.group_sums = torch.zeros(self.num_groups, *x.shape[1:], dtype=torch.float64, device=x.device)
+            ids = self.groups[self.sample_offset:self.sample_offset + b].to(x.device)
+            self.group_sums.index_add_(0, ids, x.double())
+        self.sample_offset += b
+        self.count += flat.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.H is not None:
+            out["H"] = self.H.cpu()
+        if self.abs_sum is not None:
+            out["abs_mean"] = (self.abs_sum / self.count).cpu()
+        if self.group_sums is not None:
+            sizes = torch.bincount(self.groups, minlength=self.num_groups).clamp(min=1).to(self.group_sums)
+            means = (self.group_sums / sizes[:, None, None]).reshape(-1, self.group_sums.shape[-1])
+            out["H_stack"] = (means.T @ means).cpu()
+        return out
+
+
+@contextmanager
+def _site_hooks(layer: nn.Module, adapter: Adapter, accumulators: dict[str, _SiteAccumulator]) -> Iterator[None]:
+    handles = []
+    for site, acc in accumulators.items():
+        first = layer.get_submodule(adapter.sites[site][0])
+        handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+              ) -> LayerInputs:
+    """Run ``layer`` over every batch of ``inputs``; the outputs, with the same kwargs, are the next inputs."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            out = _hidden_out(layer(hidden, **kwargs))
+            if on_output is not None:
+                on_output(hidden, out)
+            outputs.append(out)
+    return LayerInputs(outputs, inputs.kwargs)
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one decoder layer: per site, and the input/output cosine."""
+    sites: dict[str, SiteStats]
+    cosine: float | None = None
+
+
+def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs: frozenset[str],
+                  layer_name: str, groups: torch.Tensor | None = None, num_groups: int = 0
+                  ) -> tuple[LayerStats, LayerInputs]:
+    """One pass of ``layer`` over ``inputs``: its site statistics, cosine (if needed), and its outputs."""
+    site_needs = needs & SITE_STATS
+    accumulators = {site: _SiteAccumulator(site_needs, groups, num_groups) for site in adapter.sites} \
+        if site_needs else {}
+    cos_sum, cos_count = 0.0, 0
+
+    def on_output(x: torch.Tensor, y: torch.Tensor) -> None:
+        nonlocal cos_sum, cos_count
+        if not torch.isfinite(y).all():
+            raise NumericalError(f"non-finite hidden states at the output of {layer_name} during calibration.")
+        if "cosine" in needs:
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            cos_sum += cos.double().sum().item()
+            cos_count += cos.numel()
+
+    with _site_hooks(layer, adapter, accumulators):
+        outputs = run_layer(layer, inputs, on_output)
+    sites = {}
+    for site, acc in accumulators.items():
+        tensors = acc.result()
+        for key, value in tensors.items():
+            if not torch.isfinite(value).all():
+                raise NumericalError(f"non-finite calibration statistic {key} at {layer_name} ({site}).")
+        sites[site] = SiteStats(tensors)
+    cosine = cos_sum / cos_count if "cosine" in needs else None
+    return LayerStats(sites, cosine), outputs
+
+
+def stack_groups(num_samples: int, num_groups: int, seed: int) -> torch.Tensor:
+    """AdaSVD's stack-of-batch: a seeded shuffle of the samples split into ``num_groups`` groups."""
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    groups = torch.empty(num_samples, dtype=torch.long)
+    groups[perm] = torch.arange(num_samples) % num_groups
+    return groups
+
+
+def collect_statistics(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, needs: frozenset[str],
+                       batch_size: int, device: torch.device, seed: int = 0, num_groups: int = 0
+                       ) -> list[LayerStats]:
+    """Statistics of every decoder layer of the (unmodified) model, one layer on the device at a time."""
+    inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
+    groups = stack_groups(input_ids.shape[0], num_groups, seed) if "H_stack" in needs else None
+    layers = adapter.layers(model)
+    result = []
+    for i in tqdm(range(len(layers)), desc="calibration", unit="layer"):
+        layer = layers[i].to(device)
+        stats, inputs = collect_layer(layer, adapter, inputs, needs, adapter.layer_prefix(i), groups, num_groups)
+        layers[i].to("cpu")
+        result.append(stats)
+    return result
+
+
+def fisher_information(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, reduce: str,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """Per targeted matrix, squared LM-loss gradients summed over samples and reduced over ``rows``/``columns``.
+
+    ``rows``: importance of each output row (FWSVD paper), ``columns``: of each input column (ASVD code).
+    One backward pass per calibration sample; the whole model is on the device for it.
+    """
+    names = [f"{adapter.layer_prefix(i)}.{t}" for i in range(len(adapter.layers(model))) for t in adapter.targets]
+    weights = {name: model.get_submodule(name).weight for name in names}
+    sums = {name: torch.zeros(w.shape[0] if reduce == "rows" else w.shape[1], dtype=torch.float64)
+            for name, w in weights.items()}
+    model.to(device)
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        for sample in tqdm(input_ids, desc="fisher", unit="sample"):
+            ids = sample[None].to(device)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            for name, w in weights.items():
+                g2 = w.grad.double() ** 2
+                sums[name] += (g2.sum(1) if reduce == "rows" else g2.sum(0)).cpu()
+                w.grad = None
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+        model.to("cpu")
+    return sums

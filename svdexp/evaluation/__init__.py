@@ -1,0 +1,1 @@
+"""Evaluation: token perplexity, lm-eval zero-shot, size and speed."""

@@ -1,0 +1,39 @@
+"""Token perplexity as in the papers: exp(mean next-token NLL over non-overlapping chunks)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int, device: torch.device,
+               desc: str = "perplexity") -> dict:
+    """Perplexity of ``model`` over ``chunks`` (``num_chunks x seq_len`` token ids).
+
+    Every chunk contributes ``seq_len - 1`` next-token predictions. A chunk whose NLL is not finite is
+    reported by index in ``nonfinite_chunks`` (and makes the perplexity non-finite), never skipped.
+    """
+    nll_sum = 0.0
+    count = 0
+    nonfinite: list[int] = []
+    model.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, chunks.shape[0], batch_size), desc=desc, unit="batch", leave=False):
+            ids = chunks[start:start + batch_size].to(device)
+            logits = model(ids, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                  reduction="none").view(ids.shape[0], -1).double()
+            per_chunk = nll.sum(1)
+            for j, value in enumerate(per_chunk.tolist()):
+                if not math.isfinite(value):
+                    nonfinite.append(start + j)
+            nll_sum += per_chunk.sum().item()
+            count += nll.numel()
+    mean_nll = nll_sum / count
+    ppl = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else float("inf")
+    return {"ppl": ppl, "nll": mean_nll, "chunks": int(chunks.shape[0]), "tokens": count,
+            "nonfinite_chunks": nonfinite}

