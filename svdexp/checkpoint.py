@@ -175,7 +175,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, ranks: d
 
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
-    config = model.config.to_dict()
+    config = model.config.to_diff_dict()
     for key in ("quantization_config", "auto_map", "architectures", *_SVDEXP_KEYS):
         config.pop(key, None)
     config_cls, model_cls = FAMILIES[base]

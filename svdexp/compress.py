@@ -9,6 +9,7 @@ produces, and the compressed layer's outputs feed layer ``l + 1``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -39,17 +40,20 @@ class StatsPlan:
     fisher: bool
 
     @classmethod
-    def for_run(cls, method: Method, propagate: str, allocation: str) -> "StatsPlan":
+    def for_run(cls, method: Method, propagate: str, allocation: str,
+                options: Mapping[str, Any] | None = None) -> "StatsPlan":
+        """The plan for ``method`` run with ``options`` (the method config; its needs may depend on them)."""
+        needs = method.needs_for({"propagate": propagate, **(options or {})})
         original: set[str] = {"cosine"} if allocation == "adacr" else set()
         prefix: set[str] = set()
-        for key in method.needs - {"fisher"}:
+        for key in needs - {"fisher"}:
             if key == "H_prefix":
                 prefix.add("H")
             elif propagate == "compressed":
                 prefix.add(key)
             else:
                 original.add(key)
-        return cls(frozenset(original), frozenset(prefix), "fisher" in method.needs)
+        return cls(frozenset(original), frozenset(prefix), "fisher" in needs)
 
 
 @dataclass

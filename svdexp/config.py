@@ -79,6 +79,7 @@ class EvalConfig:
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     dense_baseline: bool = False                    # also evaluate the dense model (before compression)
+    cache_dense: bool = True                        # reuse the dense perplexity of identical weights and tokens
 
 
 @dataclass
@@ -140,6 +141,18 @@ def validate(cfg) -> None:
                           "parameters removed (0.2 removes 20 %).")
     _choice("method.name", cfg.method.name, sorted(METHODS))
     _choice("method.propagate", cfg.method.propagate, ["original", "compressed"])
+    _choice("method.update", cfg.method["update"], ["none", "closed_form"])
+    _choice("method.space", cfg.method["space"], ["plain", "whitened"])
+    _choice("method.fisher", cfg.method["fisher"], ["rows", "columns"])
+    if not cfg.method.alpha >= 0:
+        raise ConfigError(f"method.alpha={cfg.method.alpha!r} is not allowed; choose a number >= 0 "
+                          "(asvd's exponent of the activation scaling; the paper uses 0.5).")
+    for key in ("iters", "groups"):
+        if cfg.method[key] < 0:
+            raise ConfigError(f"method.{key}={cfg.method[key]!r} is not allowed; choose an integer >= 0.")
+    if not 0.0 <= cfg.method.beta < 1.0:
+        raise ConfigError(f"method.beta={cfg.method.beta!r} is not allowed; choose a number in [0, 1) "
+                          "(ressvd's share of the rank for the residual; the paper uses 0.05).")
     _choice("allocation.name", cfg.allocation.name, sorted(ALLOCATIONS))
     _choice("model.source", cfg.model.source, SOURCES)
     if cfg.model.source == "tiny_random":

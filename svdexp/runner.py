@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from svdexp.allocation import Allocation, allocate, check_adacr, check_last_layers, default_min_keep
+from svdexp.cache import cache_key, load_json_entry, model_fingerprint, store_json_entry, tensor_fingerprint
 from svdexp.calibration import collect_statistics, fisher_information
 from svdexp.compress import StatsPlan, compress_model, target_shapes
 from svdexp.config import check_context, validate
@@ -17,6 +19,7 @@ from svdexp.evaluation.perplexity import perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
 from svdexp.models import adapter_for, load_model
+from svdexp.plots import plot_layer_ratios
 from svdexp.tracking import make_logger, write_json_atomic
 
 
@@ -27,6 +30,26 @@ def _evaluate_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.
                 for name, chunks in eval_sets.items()}
     finally:
         model.to("cpu")
+
+
+def _dense_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.device, fingerprint: str) -> dict:
+    """The dense model's perplexities, from the cache when this model has been evaluated on these exact tokens."""
+    results, missing = {}, {}
+    keys = {}
+    for name, chunks in eval_sets.items():
+        description = {"model": fingerprint, "dtype": cfg.dtype, "device": device.type, "dataset": name,
+                       "tokens": tensor_fingerprint(chunks)}
+        keys[name] = (cache_key(description), description)
+        cached = load_json_entry("dense_ppl", keys[name][0]) if cfg.eval.cache_dense else None
+        if cached is not None:
+            results[name] = cached
+        else:
+            missing[name] = chunks
+    for name, value in _evaluate_ppl(model, missing, cfg, device, "dense").items():
+        results[name] = value
+        key, description = keys[name]
+        store_json_entry("dense_ppl", key, value, description)
+    return results
 
 
 def _check_allocation(cfg, num_layers: int) -> None:
@@ -67,43 +90,80 @@ def run(cfg, output_dir: str | Path) -> dict:
         if logger is not None:
             logger.finish(exit_code=1)
         raise
-    write_json_atomic(output_dir / "results.json", results)
+    c = results["compression"]
+    plot_layer_ratios(c["layer_keep"], cfg.ratio, f"{cfg.model.name} {c['method']} {c['allocation']} "
+                      f"target {cfg.ratio:g} (achieved {c['achieved_ratio_targeted']:.3f})",
+                      output_dir / "layer_ratios.png")
+    write_json_atomic(output_dir / "results.json", results)   # last: its presence means the run is done
     if logger is not None:
         logger.log_results(results)
         logger.finish()
     return results
 
 
+def _choose_num_layers(cfg, model, adapter, method, options, plan, original_stats, fisher, calib_ids, shapes,
+                       device) -> tuple[int, dict[int, float]]:
+    """ResSVD's K search: compress with each K of a small feasible grid, keep the lowest calibration perplexity."""
+    total = len(shapes)
+    low = int(total * cfg.ratio) + 1
+    grid = sorted({round(low + (total - low) * j / 3) for j in range(4)})
+    scores = {}
+    for k_layers in grid:
+        candidate = copy.deepcopy(model)
+        alloc = allocate("last_layers", cfg.ratio, shapes, {"num_layers": k_layers})
+        compress_model(candidate, adapter, method, options, alloc.ranks, plan, original_stats, fisher, calib_ids,
+                       cfg.calib.batch_size, device, cfg.seed)
+        candidate.to(device)
+        scores[k_layers] = perplexity(candidate, calib_ids, cfg.calib.batch_size, device,
+                                      desc=f"last_layers K={k_layers}")["ppl"]
+        del candidate
+    return min(scores, key=scores.get), scores
+
+
+def _compress(cfg, model, adapter, method, calib_ids, shapes, device) -> tuple[Allocation, dict]:
+    """Statistics, allocation and factorisation; returns the allocation and the compression record."""
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
+    plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name)
+    t0 = time.perf_counter()
+    original_stats = None
+    if plan.original:
+        original_stats = collect_statistics(model, adapter, calib_ids, plan.original, cfg.calib.batch_size,
+                                            device, cfg.seed, int(options.get("groups") or 0))
+    fisher = fisher_information(model, adapter, calib_ids, options["fisher"], device) if plan.fisher else None
+    calib_seconds = time.perf_counter() - t0
+    importances = [1.0 - s.cosine for s in original_stats] if "cosine" in plan.original else None
+
+    t1 = time.perf_counter()
+    search = None
+    if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
+        alloc_cfg["num_layers"], search = _choose_num_layers(cfg, model, adapter, method, options, plan,
+                                                             original_stats, fisher, calib_ids, shapes, device)
+    alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, importances)
+    if search is not None:
+        alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
+    result = compress_model(model, adapter, method, options, alloc.ranks, plan, original_stats, fisher,
+                            calib_ids, cfg.calib.batch_size, device, cfg.seed)
+    record = {"damped_sites": result.damped_sites, "calibration_seconds": calib_seconds,
+              "decomposition_seconds": time.perf_counter() - t1}
+    return alloc, record
+
+
 def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_sets, device, resolved) -> dict:
     shapes = target_shapes(model, adapter)
     params_total = count_parameters(model)
     params_targeted = sum(m * n for layer in shapes for m, n in layer.values())
+    fingerprint = model_fingerprint(model)
     metrics: dict = {}
     if cfg.eval.dense_baseline:
-        dense = _evaluate_ppl(model, eval_sets, cfg, device, "dense")
+        dense = _dense_ppl(model, eval_sets, cfg, device, fingerprint)
         metrics["dense_ppl"] = {name: r["ppl"] for name, r in dense.items()}
 
-    calib_seconds = decomp_seconds = 0.0
-    record_damped: dict[str, float] = {}
     if compressing:
-        options = OmegaConf.to_container(cfg.method, resolve=True)
-        plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name)
-        t0 = time.perf_counter()
-        original_stats = None
-        if plan.original:
-            original_stats = collect_statistics(model, adapter, calib_ids, plan.original, cfg.calib.batch_size,
-                                                device, cfg.seed, int(options.get("groups") or 0))
-        fisher = fisher_information(model, adapter, calib_ids, options["fisher"], device) if plan.fisher else None
-        calib_seconds = time.perf_counter() - t0
-        importances = [1.0 - s.cosine for s in original_stats] if "cosine" in plan.original else None
-        alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, OmegaConf.to_container(cfg.allocation), importances)
-        t1 = time.perf_counter()
-        record = compress_model(model, adapter, method, options, alloc.ranks, plan, original_stats, fisher,
-                                calib_ids, cfg.calib.batch_size, device, cfg.seed)
-        decomp_seconds = time.perf_counter() - t1
-        record_damped = record.damped_sites
+        alloc, record = _compress(cfg, model, adapter, method, calib_ids, shapes, device)
     else:
         alloc = Allocation([1.0] * len(shapes), {name: None for layer in shapes for name in layer}, {})
+        record = {"damped_sites": {}, "calibration_seconds": 0.0, "decomposition_seconds": 0.0}
 
     ppl = _evaluate_ppl(model, eval_sets, cfg, device, "compressed" if compressing else "dense")
     metrics["ppl"] = {name: r["ppl"] for name, r in ppl.items()}
@@ -117,7 +177,8 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
         "status": "done",
         "config": resolved,
         "model": {"name": cfg.model.name, "family": model.config.model_type, "params_total": params_total,
-                  "params_targeted": params_targeted, "num_layers": len(shapes)},
+                  "params_targeted": params_targeted, "num_layers": len(shapes),
+                  "fingerprint": fingerprint},
         "compression": {
             "method": cfg.method.name,
             "allocation": cfg.allocation.name,
@@ -129,10 +190,8 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
             "layer_keep": alloc.keep,
             "allocation_details": alloc.details,
             "ranks": alloc.ranks,
-            "damped_sites": record_damped,
-            "calibration_seconds": calib_seconds,
-            "decomposition_seconds": decomp_seconds,
-            "seconds": calib_seconds + decomp_seconds,
+            **record,
+            "seconds": record["calibration_seconds"] + record["decomposition_seconds"],
         },
         "metrics": metrics,
     }

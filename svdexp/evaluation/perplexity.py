@@ -34,6 +34,6 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int, device: 
             nll_sum += per_chunk.sum().item()
             count += nll.numel()
     mean_nll = nll_sum / count
-    ppl = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else float("inf")
+    ppl = math.exp(min(mean_nll, 700.0)) if math.isfinite(mean_nll) else mean_nll  # nan stays nan
     return {"ppl": ppl, "nll": mean_nll, "chunks": int(chunks.shape[0]), "tokens": count,
             "nonfinite_chunks": nonfinite}

@@ -63,3 +63,60 @@ def whitened_factors(W: torch.Tensor, S: torch.Tensor, k: int) -> tuple[torch.Te
 def pinv_solve(M: torch.Tensor, rhs: torch.Tensor, rcond: float = 1e-10) -> torch.Tensor:
     """``M^+ rhs`` via an SVD-based pseudo-inverse (robust to singular ``M``)."""
     return torch.linalg.pinv(M.double(), rtol=rcond) @ rhs.double()
+
+
+def positive_floor(v: torch.Tensor, rel: float = 1e-8) -> torch.Tensor:
+    """``v`` (non-negative weights) with every entry raised to at least ``rel * max(v)``.
+
+    Guards the divisions ``D^-1`` of the scaled methods against zero importances (dead channels, rows with no
+    gradient). An all-zero ``v`` carries no information and becomes all ones (no scaling).
+    """
+    v = v.double()
+    top = v.max().item() if v.numel() else 0.0
+    if not top > 0.0:
+        return torch.ones_like(v)
+    return v.clamp(min=rel * top)
+
+
+def scaled_factors(W: torch.Tensor, k: int, left: torch.Tensor | None = None,
+                   right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of ``diag(left) W diag(right)``, then ``A <- diag(left)^-1 A``, ``B <- B diag(right)^-1``.
+
+    The scaling vectors must be positive (see :func:`positive_floor`); ``None`` means no scaling on that side.
+    """
+    M = W.double()
+    if left is not None:
+        M = left.double()[:, None] * M
+    if right is not None:
+        M = M * right.double()[None, :]
+    A, B = split_sqrt(*truncated_svd(M, k))
+    if left is not None:
+        A = A / left.double()[:, None]
+    if right is not None:
+        B = B / right.double()[None, :]
+    return A, B
+
+
+def solve_left_factor(W: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``A`` for fixed ``B``: ``argmin_A ||(W - A B) X||_F = W H B^T (B H B^T)^+`` with ``H = X X^T``."""
+    W, B, H = W.double(), B.double(), H.double()
+    HBt = H @ B.T                        # n x k
+    G = B @ HBt                          # k x k, symmetric PSD
+    # A = (W H B^T) G^+ = (G^+ (W H B^T)^T)^T since G^+ is symmetric
+    return pinv_solve(G, (W @ HBt).T).T
+
+
+def solve_right_factor(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``B`` for fixed ``A``: ``(A^T A)^+ A^T W``.
+
+    It minimises ``||W - A B||_F`` and also ``||(W - A B) X||_F`` for every ``X`` (normal equations
+    ``A^T (W - A B) H = 0`` hold whatever ``H``).
+    """
+    A = A.double()
+    return pinv_solve(A.T @ A, A.T @ W.double())
+
+
+def activation_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> float:
+    """``||(W - A B) X||_F^2 = tr((W - A B) H (W - A B)^T)`` with ``H = X X^T``."""
+    E = W.double() - A.double() @ B.double()
+    return float(((E @ H.double()) * E).sum())

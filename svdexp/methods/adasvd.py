@@ -1,0 +1,47 @@
+"""AdaSVD's adaComp (Li et al., "AdaSVD: Adaptive Singular Value Decomposition for Large Language Models", 2025).
+
+Start from the SVD-LLM factors (whitening with ``S = cholesky(H)``), then alternate ``iters`` rounds of
+  A-step  ``A = W H' B^T (B H' B^T)^+``   (least squares in ``A`` for ``min ||(W - A B) X'||_F``)
+  B-step  ``B = (A^T A)^+ A^T W``          (least squares in ``B``; the minimiser for any full-rank ``H'``)
+with SVD pseudo-inverses. ``H'`` is
+  * ``stats["H_stack"]`` when ``groups > 0``: stack-of-batch, the Gram matrix of inputs averaged element-wise over
+    ``groups`` shuffled groups of calibration samples;
+  * otherwise ``stats["H_prefix"]`` (**decision**): the Gram matrix of the inputs produced by the already
+    compressed prefix, as in SVD-LLM's closed-form update. Requested only then, i.e. ``needs = {H, H_prefix}``
+    for ``groups = 0`` and ``{H, H_stack}`` for ``groups > 0``.
+With ``H' = H`` (e.g. ``groups = 0`` and ``propagate: compressed``, where ``H_prefix == H``) the whitened
+factors already minimise ``||(W - A B) X||`` and adaComp changes nothing (see tests/test_methods.py).
+Each step cannot increase ``||(W - A B) X'||_F``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from svdexp.methods import Factors, register
+from svdexp.methods.linalg import solve_left_factor, solve_right_factor, whitened_factors
+
+
+def _needs(options: Mapping[str, Any]) -> set[str]:
+    return {"H", "H_stack"} if int(options.get("groups") or 0) > 0 else {"H", "H_prefix"}
+
+
+def adacomp_statistic(stats, options: Mapping[str, Any]) -> torch.Tensor:
+    """``H'``: stacked-batch Gram if ``groups > 0``, else the compressed-prefix Gram, else ``H``."""
+    if int(options.get("groups") or 0) > 0:
+        return stats["H_stack"]
+    return stats["H_prefix"] if "H_prefix" in stats else stats["H"]
+
+
+@register("adasvd", needs=_needs)
+def adasvd(W: torch.Tensor, stats, k: int, options) -> Factors:
+    """SVD-LLM whitening at rank ``k`` followed by ``iters`` alternating least-squares rounds on ``H'``."""
+    S = stats.cholesky("H", eps=options.get("damping", 1e-6))
+    A, B, _ = whitened_factors(W, S, k)
+    H_ada = adacomp_statistic(stats, options)
+    for _ in range(int(options.get("iters", 1))):
+        A = solve_left_factor(W, B, H_ada)
+        B = solve_right_factor(W, A)
+    return A, B

@@ -1,0 +1,38 @@
+"""ResSVD — residual compensation for SVD compression (ResSVD, 2025; no public code).
+
+Split the rank ``k = k1 + k2``, ``k2 = round(beta * m n / (m + n))`` (``beta`` 0.05), clamped so ``k1 >= 1``.
+Stage 1: SVD-LLM whitened truncation at ``k1``, ``W1 = A1 B1``. Residual ``R = W - W1``. Stage 2: truncated
+SVD of ``R`` at ``k2`` — ``space: plain`` (default) the SVD of ``R``; ``space: whitened`` the SVD of ``R S``
+with ``B2 = Sigma^1/2 V^T S^-1`` (same back-solve as the whitening). ``A = [A1 A2]``, ``B = [B1; B2]``,
+``W' = W1 + A2 B2``. With ``space: whitened`` this is the plain whitened truncation at ``k`` (Eckart-Young).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svdexp.methods import Factors, register
+from svdexp.methods.linalg import split_sqrt, truncated_svd, whitened_factors
+
+
+def split_rank(k: int, m: int, n: int, beta: float) -> tuple[int, int]:
+    """``(k1, k2)`` with ``k2 = round(beta m n / (m + n))`` clamped to ``[0, k - 1]`` and ``k1 = k - k2``."""
+    k2 = min(max(round(beta * m * n / (m + n)), 0), k - 1)
+    return k - k2, k2
+
+
+@register("ressvd", needs={"H"})
+def ressvd(W: torch.Tensor, stats, k: int, options) -> Factors:
+    """Whitened truncation at ``k1`` plus a rank-``k2`` truncation of the residual."""
+    m, n = W.shape
+    k1, k2 = split_rank(k, m, n, float(options.get("beta", 0.05)))
+    S = stats.cholesky("H", eps=options.get("damping", 1e-6))
+    A1, B1, _ = whitened_factors(W, S, k1)
+    if k2 == 0:
+        return A1, B1
+    R = W.double() - A1 @ B1
+    if options.get("space", "plain") == "whitened":
+        A2, B2, _ = whitened_factors(R, S, k2)
+    else:
+        A2, B2 = split_sqrt(*truncated_svd(R, k2))
+    return torch.cat([A1, A2], dim=1), torch.cat([B1, B2], dim=0)

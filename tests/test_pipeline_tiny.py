@@ -1,0 +1,57 @@
+"""End to end through the real Hydra app on a tiny random Llama: results.json contract and accounting."""
+
+import math
+
+import pytest
+
+from conftest import TINY, read_results
+
+
+@pytest.mark.parametrize("method", ["svd", "svd_llm"])
+def test_tiny_run_writes_results(svdexp_run, method):
+    proc, run_dir = svdexp_run(*TINY, f"method={method}", "ratio=0.4", "eval.dense_baseline=true", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = read_results(run_dir)
+    assert r["status"] == "done"
+    assert r["config"]["method"]["name"] == method
+    c = r["compression"]
+    assert (c["method"], c["allocation"], c["target_ratio"]) == (method, "uniform", 0.4)
+    # ranks follow the formula: achieved ratio within one rank step per matrix of the target
+    shapes = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
+              "gate_proj": (160, 64), "up_proj": (160, 64), "down_proj": (64, 160)}
+    assert len(c["ranks"]) == 4 * 7
+    for name, k in c["ranks"].items():
+        m, n = shapes[name.rsplit(".", 1)[1]]
+        assert k == int(0.6 * m * n // (m + n))
+    assert r["model"]["params_targeted"] == 4 * sum(m * n for m, n in shapes.values())
+    assert 0 <= c["achieved_ratio_targeted"] - 0.4 < max((m + n) / (m * n) for m, n in shapes.values())
+    # the whole model (embeddings included) loses exactly the targeted parameters removed
+    removed = c["achieved_ratio_targeted"] * r["model"]["params_targeted"]
+    assert math.isclose(c["achieved_ratio_model"] * r["model"]["params_total"], removed, rel_tol=1e-9)
+    assert c["weight_bytes"] == 4 * c["params_after"]          # float32
+    for name in ("wiki", "news"):
+        assert math.isfinite(r["metrics"]["ppl"][name]) and r["metrics"]["ppl"][name] > 1
+        assert math.isfinite(r["metrics"]["dense_ppl"][name])
+        assert r["metrics"]["nonfinite_chunks"][name] == []
+    assert "perplexity wiki: dense" in proc.stdout
+
+
+def test_none_method_is_the_dense_model(svdexp_run):
+    proc, run_dir = svdexp_run(*TINY, "method=none", "eval.dense_baseline=true", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = read_results(run_dir)
+    assert r["compression"]["achieved_ratio_model"] == 0.0
+    assert set(r["compression"]["ranks"].values()) == {None}
+    assert r["metrics"]["ppl"] == r["metrics"]["dense_ppl"]
+
+
+def test_same_config_twice_is_bit_identical(svdexp_run, tmp_path):
+    first, run_dir = svdexp_run(*TINY, "method=svd_llm", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    a = read_results(run_dir)
+    (run_dir / "results.json").unlink()
+    second, _ = svdexp_run(*TINY, "method=svd_llm", timeout=600)
+    assert second.returncode == 0
+    b = read_results(run_dir)
+    assert a["metrics"]["ppl"] == b["metrics"]["ppl"]
+    assert a["compression"]["ranks"] == b["compression"]["ranks"]
