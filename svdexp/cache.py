@@ -48,3 +48,45 @@ def load_json_entry(kind: str, key: str) -> dict | None:
 
 def store_json_entry(kind: str, key: str, value: Any, description: dict) -> None:
     write_json_atomic(cache_dir() / kind / f"{key}.json", {"key": key, "description": description, "value": value})
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_tensor_entry(kind: str, key: str) -> dict[str, torch.Tensor] | None:
+    """Cached tensors of ``kind/key``; ``None`` when missing, unreadable, for another key, or corrupted."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = cache_dir() / kind / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception:  # noqa: BLE001 - any unreadable file is a miss, to be rebuilt
+        return None
+    if meta.get("key") != key or meta.get("digest") != _digest(tensors):
+        return None
+    return tensors
+
+
+def store_tensor_entry(kind: str, key: str, tensors: dict[str, torch.Tensor], description: dict) -> None:
+    """Write tensors (safetensors, never pickle) with their key and content digest; atomic via rename."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = cache_dir() / kind / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"key": key, "digest": _digest(tensors), "description": json.dumps(description, sort_keys=True)}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)

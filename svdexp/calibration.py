@@ -283,3 +283,25 @@ def fisher_information(model: nn.Module, adapter: Adapter, input_ids: torch.Tens
             p.requires_grad_(requires[n])
         model.to("cpu")
     return sums
+
+
+def stats_to_tensors(stats: list[LayerStats], stat: str) -> dict[str, torch.Tensor]:
+    """One statistic of every layer as flat named tensors (``"<layer>/<site>"``, or ``"cosine"``)."""
+    if stat == "cosine":
+        return {"cosine": torch.tensor([s.cosine for s in stats], dtype=torch.float64)}
+    return {f"{i}/{site}": layer.sites[site][stat] for i, layer in enumerate(stats) for site in layer.sites}
+
+
+def tensors_to_stats(entries: dict[str, dict[str, torch.Tensor]], num_layers: int) -> list[LayerStats]:
+    """Inverse of :func:`stats_to_tensors` over several statistics."""
+    layers = [LayerStats({}) for _ in range(num_layers)]
+    for stat, tensors in entries.items():
+        if stat == "cosine":
+            for layer, value in zip(layers, tensors["cosine"].tolist()):
+                layer.cosine = value
+            continue
+        for name, tensor in tensors.items():
+            index, site = name.split("/")
+            layer = layers[int(index)]
+            layer.sites.setdefault(site, SiteStats({})).tensors[stat] = tensor
+    return layers

@@ -56,6 +56,7 @@ class CalibConfig:
     num_samples: int = 32
     seq_len: int = 512
     batch_size: int = 8
+    cache: bool = True                  # reuse statistics of the same weights/tokens from $SVDEXP_CACHE/stats
 
 
 @dataclass
@@ -92,6 +93,12 @@ class LoggerConfig:
 
 
 @dataclass
+class SweepConfig:
+    name: Optional[str] = None          # set by svdexp-sweep: the sweep file's name (W&B group, report)
+    paper_table: Optional[str] = None   # published table the report puts beside this sweep's numbers
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     method: MethodConfig = MISSING
@@ -99,6 +106,7 @@ class Config:
     calib: CalibConfig = MISSING
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     ratio: float = 0.2
     seed: int = 0
     device: str = "cpu"

