@@ -340,7 +340,50 @@ def speed_worker(spec: dict) -> dict:
                                    "decode_steps": new - 1}
         results.append(result)
     return {"results": results, "loadavg": loads, "threads": torch.get_num_threads(),
-            "linear_call_us": module_call_overhead_us(device, dtype)}
+            "linear_call_us": module_call_overhead_us(device, dtype),
+            "single_token_layers": single_token_layer_times(runners[0].model, targets[0], spec["ratios_of_rows"],
+                                                            device, dtype)}
+
+
+def _call_us(make: Callable[[], nn.Module], x: torch.Tensor, device: torch.device,
+             working_set: int = 64 * 2**20) -> float:
+    """Median microseconds per call, cycling over enough copies of ``make()`` to hold ``working_set`` bytes of
+    weights, so each call streams its weights from memory as in the full model rather than from a hot cache."""
+    first = make()
+    size = sum(p.numel() * p.element_size() for p in first.parameters())
+    copies = [first] + [make() for _ in range(max(1, min(4000, working_set // size)) - 1)]
+    samples = []
+    with torch.no_grad():
+        for layer in copies:  # warm-up pass
+            layer(x)
+        for _ in range(5):
+            _sync(device)
+            t0 = time.perf_counter()
+            for layer in copies:
+                layer(x)
+            _sync(device)
+            samples.append((time.perf_counter() - t0) / len(copies) * 1e6)
+    return statistics.median(samples)
+
+
+def single_token_layer_times(model: nn.Module, targets: set[str], ratios: list[float], device: torch.device,
+                             dtype: torch.dtype) -> list[dict]:
+    """Per distinct targeted shape: one-token time of the dense linear and of a low-rank one at each ratio."""
+    from svdexp.lowrank import LowRankLinear, rank_for_ratio
+
+    shapes = sorted({tuple(model.get_submodule(n).weight.shape) for n in targets}, reverse=True)
+    rows = []
+    for m, n in shapes:
+        x = torch.randn(1, 1, n, device=device, dtype=dtype)
+        row = {"shape": [m, n], "dense_bytes": m * n * x.element_size(),
+               "dense_us": _call_us(lambda: nn.Linear(n, m, bias=False, device=device, dtype=dtype), x, device),
+               "low_rank": []}
+        for ratio in ratios:
+            k = rank_for_ratio(m, n, ratio)
+            us = _call_us(lambda: LowRankLinear(n, m, k, bias=False, device=device, dtype=dtype), x, device)
+            row["low_rank"].append({"ratio": ratio, "rank": k, "us": us, "bytes": k * (m + n) * x.element_size()})
+        rows.append(row)
+    return rows
 
 
 def module_call_overhead_us(device: torch.device, dtype: torch.dtype, calls: int = 2000) -> float:
@@ -433,6 +476,22 @@ def explain(dense: dict, rows: list[dict]) -> list[str]:
               (f"3. **Prefill is different**: {prefill_share:.0%} of the dense prefill time is in the targeted "
                "linears and each GEMM processes the whole prompt, so prefill is compute-bound and its speed-up "
                "follows the FLOP reduction more closely (prefill column)."), ""]
+    layers = dense.get("single_token_layers")
+    if layers:
+        lines += ["One token through one layer in isolation (median of 5 passes over copies of the layer holding "
+                  "64 MiB of weights, so weights stream from memory as in the model): dense `nn.Linear` vs "
+                  "`LowRankLinear` at each ratio; *time / bytes* = (time ratio) / (weight-bytes ratio) against dense: "
+                  "1.00 means time proportional to the weights read, above 1 means fixed per-call costs dominate.",
+                  "",
+                  "| shape (out x in) | dense us | " + " | ".join(f"{x['ratio']:.0%}: rank, us, time / bytes"
+                                                          for x in layers[0]["low_rank"]) + " |",
+                  "|---|---|" + "---|" * len(layers[0]["low_rank"])]
+        for layer in layers:
+            cells = [f"{x['rank']}, {x['us']:.1f}, {(x['us'] / layer['dense_us']) / (x['bytes'] / layer['dense_bytes']):.2f}"
+                     for x in layer["low_rank"]]
+            lines.append(f"| {layer['shape'][0]} x {layer['shape'][1]} | {layer['dense_us']:.1f} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
     for r in rows:
         if r["ratio"] < 0.4 - 1e-9:
             continue
@@ -552,9 +611,10 @@ def main(argv: list[str]) -> None:
         results.append(_run_worker("memory", {**common, "ratio": ratio, "path": path}))
         print(f"[bench] memory, ratio {ratio:.2f}: weights {results[-1]['weight_bytes'] / 2**20:.0f} MB, peak RSS "
               f"{_mb(results[-1]['peak_rss_inference_bytes'])} MB", flush=True)
-    speed = _run_worker("speed", {**common, "models": models})
+    speed = _run_worker("speed", {**common, "models": models, "ratios_of_rows": args.ratios})
     for result, timing in zip(results, speed["results"]):
         result.update(timing, linear_call_us=speed["linear_call_us"])
+    results[0]["single_token_layers"] = speed["single_token_layers"]
     dense_row, rows = results[0], results[1:]
     for r in results:
         for key in ("prefill", "decode", "best_prefill", "best_decode"):

@@ -58,6 +58,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def has_tensor_entry(kind: str, key: str) -> bool:
+    """Whether an entry file exists (not verified: :func:`load_tensor_entry` verifies)."""
+    return (cache_dir() / kind / f"{key}.safetensors").is_file()
+
+
 def load_tensor_entry(kind: str, key: str) -> dict[str, torch.Tensor] | None:
     """Cached tensors of ``kind/key``; ``None`` when missing, unreadable, for another key, or corrupted."""
     from safetensors import safe_open

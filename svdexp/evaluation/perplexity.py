@@ -37,3 +37,24 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int, device: 
     ppl = math.exp(min(mean_nll, 700.0)) if math.isfinite(mean_nll) else mean_nll  # nan stays nan
     return {"ppl": ppl, "nll": mean_nll, "chunks": int(chunks.shape[0]), "tokens": count,
             "nonfinite_chunks": nonfinite}
+
+
+def first_nonfinite_module(model: nn.Module, ids: torch.Tensor, device: torch.device) -> str | None:
+    """The first module, in execution order, whose output holds a NaN or Inf on ``ids`` (None if none does)."""
+    found: list[str] = []
+
+    def hook(name):
+        def check(_module, _inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not found and torch.is_tensor(out) and out.is_floating_point() and not torch.isfinite(out).all():
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None

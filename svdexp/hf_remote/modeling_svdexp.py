@@ -53,7 +53,21 @@ def swap_in_low_rank(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 class _SvdexpLowRankMixin:
-    """Swaps the low-rank modules in before the base class initialises and ties weights."""
+    """Swaps the low-rank modules in before the base class initialises and ties weights; loads strictly."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``from_pretrained`` that raises instead of randomly initialising missing or mismatched tensors."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(str(item) for item in info.get(key) or ())
+                    for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+        if problems:
+            listed = "; ".join(f"{key.replace('_', ' ')}: {', '.join(items[:6])}" + (" ..." if len(items) > 6 else "")
+                               for key, items in problems.items())
+            raise ValueError(f"{cls.__name__}: the weights do not match config.json and its svdexp_ranks ({listed}); "
+                             "the checkpoint folder is incomplete or was modified after saving")
+        return (model, info) if want_info else model
 
     def post_init(self) -> None:
         ranks = getattr(self.config, "svdexp_ranks", None)

@@ -1,0 +1,131 @@
+"""Sweeps: the statistics cache, resume after a kill, corrupt cache entries, and a submitit launcher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, offline_env, read_results
+
+
+def env_with_cache(cache: Path) -> dict:
+    env = offline_env()
+    env["SVDEXP_CACHE"] = str(cache)
+    return env
+
+
+def run(args, run_dir, cache, timeout=600):
+    cmd = [sys.executable, "-m", "svdexp.app", *TINY, *args, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env_with_cache(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def test_statistics_are_cached_shared_and_rebuilt_when_corrupt(tmp_path):
+    cache = tmp_path / "cache"
+    first = run(["method=svd_llm"], tmp_path / "a", cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    a = read_results(tmp_path / "a")
+    assert "H" in a["compression"]["statistics"]["computed"]
+    # the same statistics serve another ratio and another policy: nothing recomputed
+    second = run(["method=svd_llm", "ratio=0.4", "allocation=adacr"], tmp_path / "b", cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    b = read_results(tmp_path / "b")
+    assert b["compression"]["statistics"] == {"cached": ["H", "cosine"], "computed": []}
+    # corrupt every entry's data bytes: detected (content digest), rebuilt, never used
+    entries = sorted((cache / "stats").glob("*.safetensors"))
+    assert entries
+    for entry in entries:
+        data = bytearray(entry.read_bytes())
+        data[-100] ^= 0xFF
+        entry.write_bytes(bytes(data))
+    third = run(["method=svd_llm"], tmp_path / "c", cache)
+    assert third.returncode == 0, third.stderr[-3000:]
+    c = read_results(tmp_path / "c")
+    assert "H" in c["compression"]["statistics"]["computed"]
+    assert c["metrics"]["ppl"] == a["metrics"]["ppl"]
+    # and without the cache, everything is computed again
+    fourth = run(["method=svd_llm", "calib.cache=false"], tmp_path / "d", cache)
+    assert read_results(tmp_path / "d")["compression"]["statistics"] == {"cached": [], "computed": ["H"]}
+
+
+SWEEP = """
+name: killtest
+overrides: [model=tiny_random, logger=none, calib.num_samples=4, calib.seq_len=64, eval.ppl.max_chunks=2,
+            eval.ppl.seq_len=64]
+grids:
+  - {method: none}
+  - {method: "svd,svd_llm", ratio: "0.2,0.4"}
+"""
+
+
+def sweep_cmd(sweep_file, out):
+    return [sys.executable, "-m", "svdexp.sweep", str(sweep_file), f"hydra.sweep.dir={out}"]
+
+
+def done_jobs(out: Path) -> dict[str, float]:
+    jobs = {}
+    for f in out.rglob("results.json"):
+        r = json.loads(f.read_text())      # a half-written file would fail here
+        if r["status"] == "done":
+            jobs[str(f.parent.relative_to(out))] = f.stat().st_mtime
+    return jobs
+
+
+def test_killed_sweep_resumes_with_every_job_done_once(tmp_path):
+    sweep_file = tmp_path / "killtest.yaml"
+    sweep_file.write_text(SWEEP)
+    out = tmp_path / "sweep"
+    env = env_with_cache(tmp_path / "cache")
+    # kill the sweep with SIGKILL (whole process group) once the second job has finished
+    proc = subprocess.Popen(sweep_cmd(sweep_file, out), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while len(done_jobs(out)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = done_jobs(out)
+    assert 1 <= len(before) < 5
+    # nothing half-written: no stray temporary results file is taken for a result
+    for f in out.rglob("*results.json*"):
+        assert f.name == "results.json" or f.name.startswith(".results.json.tmp")
+    rerun = subprocess.run(sweep_cmd(sweep_file, out), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = done_jobs(out)
+    assert len(after) == 5
+    for job, mtime in before.items():          # finished jobs were skipped, not re-run
+        assert after[job] == mtime
+    names = set(after)
+    assert "method=none" in names and "method=svd_llm,ratio=0.4" in names
+
+
+def test_sweep_file_with_a_typo_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SWEEP.replace("grids:", "gridz:"))
+    proc = subprocess.run(sweep_cmd(bad, tmp_path / "out"), cwd=ROOT, env=offline_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "unknown key(s) 'gridz'" in proc.stderr and "allowed: name" in proc.stderr
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(SWEEP.replace("ratio:", "ratoi:"))
+    proc = subprocess.run(sweep_cmd(typo, tmp_path / "out2"), cwd=ROOT, env=offline_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "ratoi" in proc.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_submitit_local_launcher_runs_two_jobs(tmp_path):
+    out = tmp_path / "multirun"
+    cmd = [sys.executable, "-m", "svdexp.app", "-m", *TINY, "method=svd,svd_llm", "hydra/launcher=submitit_local",
+           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_cache(tmp_path / "cache"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [read_results(p.parent) for p in out.rglob("results.json")]
+    assert sorted(r["compression"]["method"] for r in results) == ["svd", "svd_llm"]
+    assert all(r["status"] == "done" for r in results)
