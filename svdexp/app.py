@@ -30,6 +30,13 @@ def summary(results: dict) -> str:
         dense = m.get("dense_ppl", {}).get(name)
         before = f"dense {dense:.2f} -> " if dense is not None else ""
         lines.append(f"  perplexity {name}: {before}{ppl:.2f}")
+    if "zeroshot" in m:
+        for task, r in m["zeroshot"].items():
+            if task == "mean_acc":
+                continue
+            dense = m.get("dense_zeroshot", {}).get(task, {}).get("acc")
+            before = f"dense {dense:.3f} -> " if dense is not None else ""
+            lines.append(f"  zero-shot {task} acc ({r.get('samples')} docs): {before}{r['acc']:.3f}")
     return "\n".join(lines)
 
 

@@ -112,6 +112,7 @@ class Config:
     device: str = "cpu"
     dtype: str = "float32"
     tags: list[str] = field(default_factory=list)
+    save: Any = False                   # false | true (-> <run dir>/model) | a folder: the compressed HF checkpoint
 
 
 def register_configs() -> None:
@@ -180,6 +181,22 @@ def validate(cfg) -> None:
     _positive_int("eval.ppl.batch_size", cfg.eval.ppl.batch_size)
     if cfg.eval.ppl.max_chunks is not None:
         _positive_int("eval.ppl.max_chunks", cfg.eval.ppl.max_chunks)
+    if cfg.eval.zeroshot.tasks:
+        from svdexp.evaluation.harness import resolve_tasks, validate_tasks
+
+        try:
+            validate_tasks(resolve_tasks(list(cfg.eval.zeroshot.tasks)))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        _positive_int("eval.zeroshot.batch_size", cfg.eval.zeroshot.batch_size)
+    if not isinstance(cfg.save, (bool, str)):
+        raise ConfigError(f"save={cfg.save!r} must be false, true (save into the run directory) or a folder path.")
+    if isinstance(cfg.save, str):
+        from pathlib import Path
+
+        target = Path(cfg.save).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ConfigError(f"save={cfg.save!r} exists and is not an empty folder; choose a new folder.")
     _choice("logger.name", cfg.logger.name, ["wandb", "none"])
     _choice("logger.mode", cfg.logger.mode, ["offline", "online", "disabled"])
 

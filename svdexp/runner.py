@@ -14,9 +14,11 @@ from svdexp.cache import (cache_key, has_tensor_entry, load_json_entry, load_ten
                           store_json_entry, store_tensor_entry, tensor_fingerprint)
 from svdexp.calibration import collect_statistics, fisher_information, stats_to_tensors, tensors_to_stats
 from svdexp.compress import StatsPlan, compress_model, target_shapes
+from svdexp.checkpoint import save_compressed
 from svdexp.config import check_context, validate
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
 from svdexp.errors import NumericalError
+from svdexp.evaluation.harness import evaluate_zeroshot
 from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
@@ -62,6 +64,28 @@ def _dense_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.dev
         key, description = keys[name]
         store_json_entry("dense_ppl", key, value, description)
     return results
+
+
+def _zeroshot(model, tokenizer, cfg, device: torch.device) -> dict:
+    zs = cfg.eval.zeroshot
+    max_length = min(cfg.model.seq_len, getattr(model.config, "max_position_embeddings", None) or cfg.model.seq_len)
+    try:
+        return evaluate_zeroshot(model, tokenizer, list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot,
+                                 max_length, str(device))
+    finally:
+        model.to("cpu")
+
+
+def _dense_zeroshot(model, tokenizer, cfg, device: torch.device, fingerprint: str) -> dict:
+    """The dense model's zero-shot metrics, cached like its perplexity (same weights, tasks and limits)."""
+    description = {"model": fingerprint, "dtype": cfg.dtype, "device": device.type,
+                   "zeroshot": OmegaConf.to_container(cfg.eval.zeroshot, resolve=True)}
+    key = cache_key(description)
+    cached = load_json_entry("dense_zeroshot", key) if cfg.eval.cache_dense else None
+    if cached is None:
+        cached = _zeroshot(model, tokenizer, cfg, device)
+        store_json_entry("dense_zeroshot", key, cached, description)
+    return cached
 
 
 def _check_allocation(cfg, num_layers: int) -> None:
@@ -113,6 +137,12 @@ def run(cfg, output_dir: str | Path) -> dict:
             logger.finish(exit_code=1)
         raise
     c = results["compression"]
+    if cfg.save:
+        target = output_dir / "model" if cfg.save is True else Path(cfg.save)
+        settings = {k: resolved[k] for k in ("model", "method", "allocation", "calib", "ratio", "seed", "dtype")}
+        settings["achieved_ratio_targeted"] = c["achieved_ratio_targeted"]
+        save_compressed(model, tokenizer, target, {k: v for k, v in c["ranks"].items() if v is not None}, settings)
+        c["saved_to"] = str(target)
     plot_layer_ratios(c["layer_keep"], cfg.ratio, f"{cfg.model.name} {c['method']} {c['allocation']} "
                       f"target {cfg.ratio:g} (achieved {c['achieved_ratio_targeted']:.3f})",
                       output_dir / "layer_ratios.png")
@@ -237,6 +267,8 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
     if cfg.eval.dense_baseline:
         dense = _dense_ppl(model, eval_sets, cfg, device, fingerprint)
         metrics["dense_ppl"] = {name: r["ppl"] for name, r in dense.items()}
+        if cfg.eval.zeroshot.tasks:
+            metrics["dense_zeroshot"] = _dense_zeroshot(model, tokenizer, cfg, device, fingerprint)
 
     if compressing:
         alloc, record = _compress(cfg, model, adapter, method, calib_ids, shapes, device)
@@ -249,6 +281,8 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
     metrics["ppl"] = {name: r["ppl"] for name, r in ppl.items()}
     metrics["nonfinite_chunks"] = {name: r["nonfinite_chunks"] for name, r in ppl.items()}
     metrics["eval_tokens"] = {name: r["tokens"] for name, r in ppl.items()}
+    if cfg.eval.zeroshot.tasks:
+        metrics["zeroshot"] = _zeroshot(model, tokenizer, cfg, device)
 
     kept_targeted = sum((m * n if alloc.ranks[name] is None else alloc.ranks[name] * (m + n))
                         for layer in shapes for name, (m, n) in layer.items())

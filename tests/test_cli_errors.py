@@ -1,36 +1,71 @@
-"""Bad input exits non-zero with a message naming the allowed values, and leaves no results.json."""
+"""Bad input exits non-zero before any heavy work, with a one-paragraph message naming the value and what is
+allowed, and leaves no results.json and no cache entry."""
+
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from conftest import TINY
+from conftest import ROOT, TINY, offline_env
+from svdexp.data import calibration_batch
+from svdexp.errors import ConfigError
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("ratio=1.5", "ratio=1.5 must be a number in [0, 1)"),
-    ("ratio=-0.1", "ratio=-0.1 must be a number in [0, 1)"),
-    ("method=magic", "Available options in 'method'"),
-    ("model=gpt17", "Available options in 'model'"),
-    ("calib.num_samples=0", "calib.num_samples=0 must be a positive integer"),
-    ("device=cuda", "no CUDA device"),
-    ("eval.ppl.datasets=[wiki,imdb]", "allowed"),
-    ("method.propagate=sideways", "choose one of: original, compressed"),
-    ("calib.seq_len=4096", "exceeds the model's context of 2048"),
+def run_bad(tmp_path, *overrides):
+    env = offline_env()
+    env["SVDEXP_CACHE"] = str(tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "svdexp.app", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert not (run_dir / "results.json").exists()
+    assert not (tmp_path / "cache" / "stats").exists()
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["ratio=1.5"], "ratio=1.5 must be a number in [0, 1)"),
+    (["ratio=-0.1"], "ratio=-0.1 must be a number in [0, 1)"),
+    (["ratio=abc"], "ratio"),
+    (["method=magic"], "Available options in 'method'"),
+    (["model=gpt17"], "Available options in 'model'"),
+    (["allocation=greedy"], "Available options in 'allocation'"),
+    (["calib=imdb"], "Available options in 'calib'"),
+    (["calib.num_samples=0"], "calib.num_samples=0 must be a positive integer"),
+    (["calib.num_samples=2.5"], "num_samples"),
+    (["device=cuda"], "no CUDA device"),
+    (["eval.ppl.datasets=[wiki,imdb]"], "eval.ppl.datasets[]='imdb' is not allowed; choose one of: c4, news"),
+    (["eval.zeroshot.tasks=[arc_easy_embeded]"], "arc_easy_embedded"),
+    (["method.propagate=sideways"], "choose one of: original, compressed"),
+    (["calib.seq_len=4096"], "exceeds the model's context of 2048"),
+    (["model.family=gpt2"], "model.family='gpt2' is not allowed; choose one of: llama, mistral, opt, qwen2"),
+    (["allocation=last_layers", "allocation.num_layers=1", "ratio=0.4"], "2 <= K <= 4"),
+    (["allocation=adacr", "allocation.min_keep=0.9", "ratio=0.4"], "0 < min_keep <= 1 - ratio"),
+    (["method.alhpa=0.3"], "alhpa"),
 ])
-def test_bad_input_fails_cleanly(svdexp_run, override, expected):
-    proc, run_dir = svdexp_run(*TINY, override, timeout=300)
-    assert proc.returncode != 0
-    assert expected in proc.stderr, proc.stderr[-2000:]
-    assert not (run_dir / "results.json").exists()
+def test_bad_input_fails_cleanly(tmp_path, overrides, expected):
+    stderr = run_bad(tmp_path, *overrides)
+    assert expected in stderr, stderr[-2000:]
 
 
-def test_unknown_method_message_lists_methods(svdexp_run):
-    proc, _ = svdexp_run(*TINY, "method=magic", timeout=300)
+def test_unknown_method_message_lists_methods(tmp_path):
+    stderr = run_bad(tmp_path, "method=magic")
     for name in ("svd", "svd_llm", "none"):
-        assert name in proc.stderr
+        assert name in stderr
 
 
-def test_unknown_key_is_rejected(svdexp_run):
-    proc, run_dir = svdexp_run(*TINY, "method.alhpa=0.3", timeout=300)
-    assert proc.returncode != 0
-    assert "alhpa" in proc.stderr
-    assert not (run_dir / "results.json").exists()
+def test_missing_model_folder_and_folder_without_weights(tmp_path):
+    stderr = run_bad(tmp_path, "model=llama_7b", f"model.path={tmp_path / 'nowhere'}")
+    assert "does not exist" in stderr and "nowhere" in stderr
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    stderr = run_bad(tmp_path, "model=llama_7b", f"model.path={empty}")
+    assert "has no weights" in stderr
+
+
+def test_calibration_text_shorter_than_one_sample():
+    with pytest.raises(ConfigError, match="shorter than one sample of calib.seq_len=512"):
+        calibration_batch(torch.arange(300), 4, 512, seed=0)
