@@ -176,7 +176,9 @@ def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, ranks: d
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
     config = model.config.to_diff_dict()
-    for key in ("quantization_config", "auto_map", "architectures", *_SVDEXP_KEYS):
+    # Not carried over: the GGUF quantization record (weights are dequantised), the local source path, any old
+    # remote-code pointers, and use_cache (a runtime switch evaluation code turns off; inference wants the default).
+    for key in ("quantization_config", "_name_or_path", "use_cache", "auto_map", "architectures", *_SVDEXP_KEYS):
         config.pop(key, None)
     config_cls, model_cls = FAMILIES[base]
     config.update({

@@ -26,7 +26,7 @@ def test_svd_llm_beats_plain_svd_tenfold(tmp_path):
     ppl, ratios = {}, {}
     for method in ("svd", "svd_llm"):
         run_dir = tmp_path / method
-        proc = run_svdexp([f"method={method}", "ratio=0.2", *SMALL], run_dir)
+        proc = run_svdexp([f"method={method}", "ratio=0.2", *SMALL], run_dir, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         r = read_results(run_dir)
         ppl[method] = r["metrics"]["ppl"]["wiki"]

@@ -55,3 +55,20 @@ def test_same_config_twice_is_bit_identical(svdexp_run, tmp_path):
     b = read_results(run_dir)
     assert a["metrics"]["ppl"] == b["metrics"]["ppl"]
     assert a["compression"]["ranks"] == b["compression"]["ranks"]
+
+
+def test_save_true_writes_a_loadable_checkpoint(svdexp_run):
+    import torch
+
+    from svdexp import load_compressed
+
+    proc, run_dir = svdexp_run(*TINY, "method=svd_llm", "ratio=0.4", "save=true", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = read_results(run_dir)
+    assert r["compression"]["saved_to"] == str(run_dir / "model")
+    model = load_compressed(run_dir / "model")
+    ranks = {name: module.rank for name, module in model.named_modules() if hasattr(module, "rank")}
+    assert ranks == {k: v for k, v in r["compression"]["ranks"].items() if v is not None}
+    assert sum(p.numel() for p in model.parameters()) == r["compression"]["params_after"]
+    logits = model(torch.arange(16)[None]).logits
+    assert torch.isfinite(logits).all()
