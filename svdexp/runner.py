@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -141,7 +143,14 @@ def run(cfg, output_dir: str | Path) -> dict:
         target = output_dir / "model" if cfg.save is True else Path(cfg.save)
         settings = {k: resolved[k] for k in ("model", "method", "allocation", "calib", "ratio", "seed", "dtype")}
         settings["achieved_ratio_targeted"] = c["achieved_ratio_targeted"]
-        save_compressed(model, tokenizer, target, {k: v for k, v in c["ranks"].items() if v is not None}, settings)
+        # Written aside and renamed, so a killed run never leaves a folder that looks complete. A folder already
+        # at the target can only be a previous unfinished attempt of this run (validate() refuses a non-empty
+        # user path; a finished run was skipped above).
+        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+        save_compressed(model, tokenizer, tmp, {k: v for k, v in c["ranks"].items() if v is not None}, settings)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
         c["saved_to"] = str(target)
     plot_layer_ratios(c["layer_keep"], cfg.ratio, f"{cfg.model.name} {c['method']} {c['allocation']} "
                       f"target {cfg.ratio:g} (achieved {c['achieved_ratio_targeted']:.3f})",
