@@ -20,7 +20,8 @@ Speed runs load all models into one process and time them round-robin (``--warmu
 ``--repeats`` rounds, the starting model rotating each round; medians reported), so that changes in the machine's
 load hit every model alike. A last pass (``--no-breakdown`` to skip) times the targeted linears, ``lm_head``,
 the embedding, the attention and MLP blocks and the decoder layers with module hooks during three generations per
-model, which shows where the speed-up goes, and times single layers in isolation. Writes ``benchmarks/results/inference.json`` and ``benchmarks/results/inference.md``.
+model, which shows where the speed-up goes, and times single layers in isolation.
+Writes ``benchmarks/results/inference.json`` and ``benchmarks/results/inference.md``.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ def speed_worker(spec: dict) -> dict:
             "best_decode_tok_s": batch * (new - 1) / (best["generate_n"] - best["generate_1"]),
         }
         results.append(result)
-    if spec["breakdown"]:  # 3 hooked generations per model, round-robin; keep the one with the median wall time
+    if spec["breakdown"]:  # 3 hooked generations per model, round-robin; keep the fastest (least disturbed)
         probes: list[list[dict]] = [[] for _ in runners]
         for _ in range(3):
             for i, (runner, names) in enumerate(zip(runners, targets)):
@@ -360,7 +361,7 @@ def speed_worker(spec: dict) -> dict:
                                   "decode_steps": new - 1})
         for result, runs in zip(results, probes):
             runs.sort(key=lambda run: run["generate_s"])
-            result["breakdown"] = {**runs[len(runs) // 2], "all_generate_s": [run["generate_s"] for run in runs]}
+            result["breakdown"] = {**runs[0], "all_generate_s": [run["generate_s"] for run in runs]}
     return {"results": results, "loadavg": loads, "threads": torch.get_num_threads(),
             "linear_call_us": module_call_overhead_us(device, dtype),
             "single_token_layers": single_token_layer_times(runners[0].model, targets[0], spec["ratios_of_rows"],
@@ -369,8 +370,9 @@ def speed_worker(spec: dict) -> dict:
 
 def _call_us(make: Callable[[], nn.Module], x: torch.Tensor, device: torch.device,
              working_set: int = 64 * 2**20) -> float:
-    """Median microseconds per call, cycling over enough copies of ``make()`` to hold ``working_set`` bytes of
-    weights, so each call streams its weights from memory as in the full model rather than from a hot cache."""
+    """Microseconds per call (best of 5 passes, the least disturbed by other jobs), cycling over enough copies of
+    ``make()`` to hold ``working_set`` bytes of weights, so each call streams its weights from memory as in the
+    full model rather than from a hot cache."""
     first = make()
     size = sum(p.numel() * p.element_size() for p in first.parameters())
     copies = [first] + [make() for _ in range(max(1, min(4000, working_set // size)) - 1)]
@@ -385,7 +387,7 @@ def _call_us(make: Callable[[], nn.Module], x: torch.Tensor, device: torch.devic
                 layer(x)
             _sync(device)
             samples.append((time.perf_counter() - t0) / len(copies) * 1e6)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def single_token_layer_times(model: nn.Module, targets: set[str], ratios: list[float], device: torch.device,
@@ -409,7 +411,8 @@ def single_token_layer_times(model: nn.Module, targets: set[str], ratios: list[f
 
 
 def module_call_overhead_us(device: torch.device, dtype: torch.dtype, calls: int = 2000) -> float:
-    """Median microseconds of one call of a tiny ``nn.Linear(8, 8)`` on one token: the fixed cost of any linear."""
+    """Microseconds of one call of a tiny ``nn.Linear(8, 8)`` on one token (best of 5 x ``calls``): the fixed
+    cost of any linear."""
     layer = nn.Linear(8, 8, device=device, dtype=dtype)
     x = torch.randn(1, 1, 8, device=device, dtype=dtype)
     samples = []
@@ -421,7 +424,7 @@ def module_call_overhead_us(device: torch.device, dtype: torch.dtype, calls: int
                 layer(x)
             _sync(device)
             samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
+    return min(samples)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -464,7 +467,7 @@ def explain(dense: dict, rows: list[dict]) -> list[str]:
     if "breakdown" not in dense:
         return []
     lines = ["## Where the time goes (decode, ms per generated token, from module hooks)", "",
-             "Three extra generations per model (round-robin; the one with the median wall time is shown) with "
+             "Three extra generations per model (round-robin; the fastest, i.e. least disturbed, is shown) with "
              "forward hooks around the targeted linears, `lm_head`, the "
              "embedding, each decoder layer and its attention and MLP blocks (hooks cost a few microseconds per call, "
              "so these steps are a little slower than the timed runs). *attention core* = attention block minus "
@@ -484,6 +487,9 @@ def explain(dense: dict, rows: list[dict]) -> list[str]:
         name = "dense" if r["ratio"] == 0 else f"{r['ratio']:.0%}"
         lines.append(f"| {name} | {s['step']:.1f} | " + " | ".join(f"{s[p]:.1f}" for p in PARTS)
                      + f" | {d['targeted linears'] / s['targeted linears']:.2f}x vs {ideal:.2f}x | {ceiling:.2f}x |")
+    heads = [decode_step_ms(r)["lm_head"] for r in [dense, *rows]]
+    lines += ["", f"`lm_head` does identical work in every row, so its spread ({min(heads):.1f}-{max(heads):.1f} ms) "
+              "shows how much the other jobs on the machine disturbed these single-generation measurements."]
     share = {p: d[p] / d["step"] for p in PARTS}
     prefill = dense["breakdown"]["times_s"]["prefill"]
     prefill_share = prefill.get("targeted linears", 0.0) / prefill.get("forward total", float("inf"))
@@ -507,7 +513,8 @@ def explain(dense: dict, rows: list[dict]) -> list[str]:
               (f"2. **Small low-rank GEMVs run below their parameter ratio.** A low-rank layer is two matrix "
                f"products instead of one: {2 * d['linear calls']:.0f} linear calls per token instead of "
                f"{d['linear calls']:.0f}. "
-               + (f"A bare call of a tiny `nn.Linear` costs {call_us:.0f} us here, so the extra calls alone add "
+               + (f"A bare call of a tiny `nn.Linear` costs {call_us:.0f} us here (best of 5 x 2000), so the extra "
+                  "calls alone add "
                   f"about {d['linear calls'] * call_us / 1e3:.1f} ms per token. " if call_us else "")
                + f"With hidden size {hidden} the factors are thin (ranks {lowest[0]}-{lowest[-1]} at "
                f"{rows[-1]['ratio']:.0%}) and a one-token GEMV on them is dominated by per-call costs rather than by "
@@ -518,7 +525,7 @@ def explain(dense: dict, rows: list[dict]) -> list[str]:
                "follows the FLOP reduction more closely (prefill column of the first table)."), ""]
     layers = dense.get("single_token_layers")
     if layers:
-        lines += ["One token through one layer in isolation (median of 5 passes over copies of the layer holding "
+        lines += ["One token through one layer in isolation (best of 5 passes over copies of the layer holding "
                   "64 MiB of weights, so weights stream from memory as in the model): dense `nn.Linear` vs "
                   "`LowRankLinear` at each ratio; *time / bytes* = (time ratio) / (weight-bytes ratio) against dense: "
                   "1.00 means time proportional to the weights read, above 1 means fixed per-call costs dominate.",
@@ -538,10 +545,11 @@ def explain(dense: dict, rows: list[dict]) -> list[str]:
             continue
         s = decode_step_ms(r)
         published = PUBLISHED_SVD_LLM_V2.get(round(r["ratio"], 2))
+        ceiling = d["step"] / (fixed + d["targeted linears"] * r["targeted_params"] / dense["targeted_params"])
         lines.append(
             f"- {r['ratio']:.0%}: decode {r['decode_speedup']:.2f}x"
             + (f" vs {published:.2f}x published" if published else "")
-            + f" (ceiling {d['step'] / (fixed + d['targeted linears'] * r['targeted_params'] / dense['targeted_params']):.2f}x)"
+            + f" (ceiling {ceiling:.2f}x)"
             f"; targeted linears {d['targeted linears']:.1f} -> {s['targeted linears']:.1f} ms per token "
             f"({d['targeted linears'] / s['targeted linears']:.2f}x for a parameter ratio of "
             f"{dense['targeted_params'] / r['targeted_params']:.2f}x); everything else {fixed:.1f} -> "

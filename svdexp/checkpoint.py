@@ -4,8 +4,9 @@ Layout written by :func:`save_compressed`::
 
     config.json                  base config + svdexp_ranks / svdexp_settings / svdexp_base_model_type + auto_map
     model.safetensors            all weights (tied aliases such as lm_head.weight stored once), never pickle
-    configuration_svdexp.py      } copied from svdexp/hf_remote; make
-    modeling_svdexp.py           } AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) work without svdexp
+    configuration_svdexp.py      } copied from svdexp/hf_remote, so that
+    modeling_svdexp.py           } AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) works
+                                 } without svdexp installed
     generation_config.json, tokenizer files, README.md
 
 :func:`load_compressed` reads the same folder without remote code: it builds the base family model from the
@@ -160,7 +161,8 @@ def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, ranks: d
 
     found = low_rank_modules(model)
     problems = [f"{n} is low-rank in the model but missing from ranks" for n in sorted(set(found) - set(ranks))]
-    problems += [f"ranks names {n}, which is not a low-rank module of the model" for n in sorted(set(ranks) - set(found))]
+    problems += [f"ranks names {n}, which is not a low-rank module of the model"
+                 for n in sorted(set(ranks) - set(found))]
     for name in sorted(set(found) & set(ranks)):
         module, rank = found[name], ranks[name]
         actual = (module.rank, module.B.weight.shape[0], module.A.weight.shape[1])
@@ -195,7 +197,8 @@ def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, ranks: d
 
     tensors = _tensors_to_save(model)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt", "svdexp_format_version": str(FORMAT_VERSION)})
+    save_file(tensors, str(path / WEIGHTS_NAME),
+              metadata={"format": "pt", "svdexp_format_version": str(FORMAT_VERSION)})
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in REMOTE_FILES:
         shutil.copyfile(REMOTE_DIR / name, path / name)
@@ -227,7 +230,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
             "the folder's origin, or re-create it with save_compressed.")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
-        raise CheckpointError(f"{path} has no {CONFIG_NAME}; an svdexp checkpoint records its base config and rank map there")
+        raise CheckpointError(f"{path} has no {CONFIG_NAME}; an svdexp checkpoint records its base config and rank "
+                              "map there")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -248,7 +252,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_file}: svdexp_base_model_type is {base!r}; supported: {sorted(FAMILIES)}")
     version = config.get("svdexp_format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{config_file}: svdexp_format_version {version!r}; this svdexp reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{config_file}: svdexp_format_version {version!r}; this svdexp reads version "
+                              f"{FORMAT_VERSION}")
     return config
 
 
@@ -372,7 +377,8 @@ def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
             for buffer_name, buffer in owner.named_buffers(recurse=False):
                 if buffer.is_floating_point() and torch.isnan(buffer).any():
                     raise RuntimeError(f"could not rebuild buffer {owner_name}.{buffer_name}: "
-                                       f"{type(owner).__name__} is not initialised by {type(model).__name__}._init_weights")
+                                       f"{type(owner).__name__} is not initialised by "
+                                       f"{type(model).__name__}._init_weights")
 
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu",
