@@ -7,7 +7,8 @@ again), then collects every ``results.json`` into ``benchmarks/results/methods_t
     .venv/bin/python benchmarks/methods_table.py --collect  # only rebuild the table from finished runs
 
 Defaults everywhere else (model smollm2_135m, calibration 32 x 512 of wiki train, perplexity over 64 chunks
-of 512 tokens of wiki/news test, uniform allocation, seed 0, fp32 on the CPU).
+of 512 tokens of wiki/news test, uniform allocation, seed 0, fp32 on the CPU); the statistics cache is off
+(``calib.cache=false``) so each cell's compression time includes its own calibration statistics.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def run_cell(label: str, ratio: float, overrides: list[str]) -> None:
     """One run of the app into its fixed run dir (log in ``run.log`` next to ``results.json``)."""
     path = run_dir(label, ratio)
     path.mkdir(parents=True, exist_ok=True)
-    cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), *overrides, "logger=none", f"hydra.run.dir={path}"]
+    # calib.cache=false: every cell computes its own statistics, so its seconds are the method's full cost
+    cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), *overrides, "logger=none", "calib.cache=false",
+           f"hydra.run.dir={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TQDM_DISABLE="1")
     t0 = time.perf_counter()
     with open(path / "run.log", "w") as log:
@@ -96,7 +99,7 @@ def collect() -> list[dict]:
                         "decomposition_seconds": c["decomposition_seconds"],
                         "achieved_ratio_targeted": c["achieved_ratio_targeted"],
                         "achieved_ratio_model": c["achieved_ratio_model"],
-                        "damped_sites": len(c["damped_sites"])})
+                        "damped_sites": len(c["damped_sites"]), "statistics": c.get("statistics")})
     return records
 
 
@@ -108,7 +111,8 @@ def write_table(records: list[dict]) -> None:
     header = "| method | " + " | ".join(f"{int(r * 100)} %: wiki / news ppl (s)" for r in RATIOS) + " |"
     lines = ["Perplexity of SmolLM2-135M-Instruct (fp32, CPU) on wiki / news test (64 chunks x 512 tokens), "
              "calibration 32 x 512 wiki train, uniform allocation, seed 0. `ratio` = fraction of each targeted "
-             "matrix's parameters removed; (s) = compression seconds (calibration statistics + decomposition).",
+             "matrix's parameters removed; (s) = compression seconds (calibration statistics + decomposition, "
+             "statistics cache off), measured on a shared 2-core machine under varying load: indicative only.",
              "Produced by `.venv/bin/python benchmarks/methods_table.py`.", "", header,
              "|" + "---|" * (len(RATIOS) + 1)]
     dense = by.get(("none", 0.0))

@@ -154,7 +154,13 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{fmt(a, 'acc_norm')} | {fmt(b, 'acc_norm')} |")
     lines.append(f"| mean acc | | | {report['in_memory']['mean_acc']:.3f} | {report['cli']['mean_acc']:.3f} | | |")
     lines += ["", f"Agreement within {TOLERANCE * 100:.1f} points: {report['all_agree']}. "
-              f"Time: in memory {report['seconds']['in_memory']:.0f} s, CLI {report['seconds']['cli']:.0f} s.", ""]
+              f"Time: in memory {report['seconds']['in_memory']:.0f} s, CLI {report['seconds']['cli']:.0f} s "
+              f"({report['torch_threads']} torch threads, shared CPU)."]
+    if lim is not None:
+        lines.append(f"A limit of {lim} documents per task was used: the full validation splits (hellaswag alone "
+                     "has 10042 contexts, ~3 s each here) would take many hours per path on 2 CPU cores.")
+    lines.append(f"Command: `{report['command']}`")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -190,7 +196,7 @@ def main() -> int:
         "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_length": args.max_length,
         "num_fewshot": 0, "device": "cpu", "torch_threads": torch.get_num_threads(),
         "host": platform.node(), "plain_folder": str(folder), "plain_folder_check": folder_check,
-        "command": " ".join([Path(sys.executable).name, "benchmarks/zeroshot_dense.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "benchmarks/zeroshot_dense.py", *sys.argv[1:]]),
         "cli_command": " ".join(cmd),
         "in_memory": in_memory, "cli": cli, "agreement": agreement,
         "all_agree": all(v["agree"] for v in agreement.values()),

@@ -217,7 +217,7 @@ def test_tiny_random_llama_two_embedded_tasks_offline(smollm2_tokenizer, no_netw
 def test_real_smollm2_arc_easy_beats_chance(smollm2_model, smollm2_tokenizer, no_network):
     """150 ARC-Easy validation questions: the dense model is far above chance (0.25).
 
-    ~2 min on 2 idle CPU cores (model load ~17 s + ~600 scored continuations), more under load.
+    Model load ~20 s + ~600 scored continuations: 4-6 min measured on the shared 2-core machine.
     """
     result = evaluate_zeroshot(smollm2_model, smollm2_tokenizer, ["arc_easy_embedded"], limit=150,
                                batch_size=16, num_fewshot=None, max_length=2048, device="cpu")
