@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/svdexp eval.dense_baseline=true
+	$(VENV)/bin/svdexp eval=demo
 
 test: setup
 	$(PY) -m pytest
