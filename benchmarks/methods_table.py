@@ -34,7 +34,8 @@ METHODS: dict[str, list[str]] = {
     "asvd": ["method=asvd"],
     "svd_llm": ["method=svd_llm"],
     "svd_llm+closed_form": ["method=svd_llm_closed_form"],
-    "adasvd": ["method=adasvd"],
+    "adasvd": ["method=adasvd"],                                   # stack-of-batch, groups 8
+    "adasvd+prefix": ["method=adasvd", "method.groups=0"],        # adaComp on the compressed-prefix H
     "ressvd": ["method=ressvd"],
 }
 
