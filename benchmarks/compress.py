@@ -67,7 +67,7 @@ def main(overrides: list[str]) -> dict:
 
     method = METHODS[cfg.method.name]
     options = OmegaConf.to_container(cfg.method, resolve=True)
-    plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name)
+    plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name, options)
     stats, t_calib = timed(lambda: collect_statistics(model, adapter, ids, plan.original, cfg.calib.batch_size,
                                                       device, cfg.seed, int(options.get("groups") or 0)))
     alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, OmegaConf.to_container(cfg.allocation), None)

@@ -72,10 +72,6 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     kwargs: list[dict]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
 
 class _Stop(Exception):
     pass

@@ -61,7 +61,7 @@ class CompressionRecord:
     damped_sites: dict[str, float] = field(default_factory=dict)   # site name -> damping added to H
 
 
-def _site_stats(original: LayerStats | None, prefix: LayerStats | None, plan: StatsPlan, propagate: str,
+def _site_stats(original: LayerStats | None, prefix: LayerStats | None, propagate: str,
                 site: str, device: torch.device) -> SiteStats:
     tensors: dict[str, torch.Tensor] = {}
     if original is not None and site in original.sites:
@@ -122,7 +122,7 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, options: 
         if plan.prefix:
             prefix_stats, _ = collect_layer(layer, adapter, inputs, plan.prefix, name, groups, num_groups)
         original = original_stats[i] if original_stats is not None else None
-        sites = {site: _site_stats(original, prefix_stats, plan, propagate, site, device) for site in adapter.sites}
+        sites = {site: _site_stats(original, prefix_stats, propagate, site, device) for site in adapter.sites}
         compress_layer(layer, adapter, name, method, options, ranks, sites, fisher, device)
         for site, stats in sites.items():
             if stats.damping > 0:
