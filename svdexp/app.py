@@ -40,11 +40,21 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_targets(hydra_cfg) -> None:
+    """svdexp instantiates nothing from configs itself; Hydra's callbacks must be the project's own classes."""
+    for name, callback in (hydra_cfg.callbacks or {}).items():
+        target = str(callback.get("_target_", ""))
+        if not target.startswith("svdexp."):
+            raise ConfigError(f"hydra.callbacks.{name}._target_={target!r} is not allowed: only svdexp's own "
+                              "classes (svdexp.*) may be instantiated from a config.")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     from svdexp.runner import run
 
     try:
+        _check_targets(HydraConfig.get())
         results = run(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         print(f"svdexp: configuration error: {err}", file=sys.stderr)

@@ -69,3 +69,37 @@ def test_missing_model_folder_and_folder_without_weights(tmp_path):
 def test_calibration_text_shorter_than_one_sample():
     with pytest.raises(ConfigError, match="shorter than one sample of calib.seq_len=512"):
         calibration_batch(torch.arange(300), 4, 512, seed=0)
+
+
+def test_foreign_callback_target_is_refused(tmp_path):
+    stderr = run_bad(tmp_path, "+hydra.callbacks.evil._target_=builtins.dict")
+    assert "only svdexp's own classes" in stderr
+
+
+def test_nan_weight_fails_the_run_naming_the_layer(tmp_path):
+    """A NaN in the weights is caught where it arises; the run is marked failed, not done."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from omegaconf import OmegaConf
+
+    from svdexp.models.loading import _package_dir
+
+    tiny = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **tiny.tiny))
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
+    folder = tmp_path / "nan_model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(_package_dir(tiny.package)), gguf_file=tiny.gguf_file).save_pretrained(folder)
+    env = offline_env()
+    env["SVDEXP_CACHE"] = str(tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    small = [o for o in TINY if not o.startswith("model=")]
+    cmd = [sys.executable, "-m", "svdexp.app", *small, "model=llama_7b", f"model.path={folder}",
+           f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite" in proc.stderr and "model.layers.2" in proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and "model.layers.2" in results["error"]
