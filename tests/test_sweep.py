@@ -100,8 +100,10 @@ def test_killed_sweep_resumes_with_every_job_done_once(tmp_path):
     assert len(after) == 5
     for job, mtime in before.items():          # finished jobs were skipped, not re-run
         assert after[job] == mtime
+    # readable job directories named after the overrides (the sweep's own overrides included)
     names = set(after)
-    assert "method=none" in names and "method=svd_llm,ratio=0.4" in names
+    assert any("method=none" in n for n in names)
+    assert any("method=svd_llm" in n and n.endswith("ratio=0.4") for n in names)
 
 
 def test_sweep_file_with_a_typo_is_rejected(tmp_path):
