@@ -80,3 +80,37 @@ def test_save_true_writes_a_loadable_checkpoint(svdexp_run):
     assert sum(p.numel() for p in model.parameters()) == r["compression"]["params_after"]
     logits = model(torch.arange(16)[None]).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["svd_llm", "adasvd"])
+def test_last_layers_leaves_the_first_layers_bit_identical(tmp_path, method):
+    """last_layers with K=2 of 4 layers: the saved checkpoint's first N-K layers equal the dense model's bits,
+    the last K have low-rank factors instead of their targeted weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import run_svdexp
+
+    saved = {}
+    for name, overrides in (("dense", ["method=none"]),
+                            ("last", [f"method={method}", "ratio=0.3", "allocation=last_layers",
+                                      "allocation.num_layers=2"])):
+        run_dir = tmp_path / name
+        proc = run_svdexp([*TINY, *overrides, "save=true"], run_dir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        saved[name] = (read_results(run_dir), load_file(str(run_dir / "model" / "model.safetensors")))
+    (_, dense), (r, last) = saved["dense"], saved["last"]
+    first = [k for k in dense if k.startswith(("model.layers.0.", "model.layers.1."))]
+    assert len(first) == 2 * 9                          # 7 linears + 2 norms per layer
+    for k in first:
+        assert torch.equal(dense[k], last[k]), k
+    targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    for i in (2, 3):                                    # the last K layers: factors replaced every target
+        for t in targets:
+            assert f"model.layers.{i}.{t}.weight" not in last
+            assert {f"model.layers.{i}.{t}.A.weight", f"model.layers.{i}.{t}.B.weight"} <= last.keys()
+    ranks = r["compression"]["ranks"]
+    assert all(ranks[k] is None for k in ranks if k.startswith(("model.layers.0.", "model.layers.1.")))
+    assert all(ranks[k] is not None for k in ranks if k.startswith(("model.layers.2.", "model.layers.3.")))
+    assert r["compression"]["layer_keep"][:2] == [1.0, 1.0]
