@@ -11,6 +11,7 @@ Writes benchmarks/results/sweep.json.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,13 +34,16 @@ def compression_seconds(out: Path) -> dict:
 
 
 def run(cmd: list[str], cache: Path) -> None:
-    env = {**__import__("os").environ, "SVDEXP_CACHE": str(cache), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "SVDEXP_CACHE": str(cache), "TQDM_DISABLE": "1"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
 def main(extra: list[str]) -> dict:
     base_cache = Path(tempfile.mkdtemp(prefix="svdexp-bench-"))
-    models = base_cache / "models"     # share the converted model, never the statistics
+    models = base_cache / "models"     # share the converted model, never the statistics or decompositions
+    user_models = Path(os.environ.get("SVDEXP_CACHE", Path.home() / ".cache" / "svdexp")) / "models"
+    if user_models.is_dir():
+        models.symlink_to(user_models)
     results = {}
     for label, overrides in (("single", None), ("sweep_cached", []), ("sweep_uncached", ["calib.cache=false"])):
         cache = base_cache / label

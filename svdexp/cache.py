@@ -95,3 +95,39 @@ def store_tensor_entry(kind: str, key: str, tensors: dict[str, torch.Tensor], de
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
+
+
+class SVDCache:
+    """An :data:`~svdexp.methods.linalg.SVDProvider` backed by ``$SVDEXP_CACHE/svd``: thin SVDs keyed by the
+    decomposed matrix's own bytes, so every job that factorises the same (scaled) matrix, at any rank, shares
+    one decomposition.
+
+    An entry keeps all singular values and the first ``max(k, floor(m n / (m + n)))`` singular vectors: no
+    rank that saves parameters is larger, so one entry serves every ratio >= 0. Results are bit-identical with
+    and without the cache (the returned factors are slices of the very tensors that are stored).
+    """
+
+    def __init__(self) -> None:
+        self.reused = 0
+        self.computed = 0
+
+    def __call__(self, M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        description = {"matrix": tensor_fingerprint(M), "torch": torch.__version__, "device": M.device.type}
+        key = cache_key(description)
+        entry = load_tensor_entry("svd", key)
+        if entry is not None and entry["U"].shape[1] >= k:
+            self.reused += 1
+            U, sigma, Vh = (entry[name].to(M.device) for name in ("U", "sigma", "Vh"))
+        else:
+            self.computed += 1
+            U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+            m, n = M.shape
+            keep = min(max(k, m * n // (m + n)), sigma.numel())
+            U, Vh = U[:, :keep].contiguous(), Vh[:keep].contiguous()
+            store_tensor_entry("svd", key, {"U": U, "sigma": sigma, "Vh": Vh},
+                               {**description, "shape": [m, n], "vectors": keep})
+        return U[:, :k], sigma, Vh[:k]
+
+    def record(self) -> dict[str, int]:
+        """``{"reused": ..., "computed": ...}`` decompositions, for ``results.json``."""
+        return {"reused": self.reused, "computed": self.computed}

@@ -57,6 +57,7 @@ class CalibConfig:
     seq_len: int = 512
     batch_size: int = 8
     cache: bool = True                  # reuse statistics of the same weights/tokens from $SVDEXP_CACHE/stats
+    cache_svd: bool = True              # reuse SVDs of identical (scaled) matrices from $SVDEXP_CACHE/svd
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from svdexp.allocation import Allocation, allocate, check_adacr, check_last_layers, default_min_keep
-from svdexp.cache import (cache_key, has_tensor_entry, load_json_entry, load_tensor_entry, model_fingerprint,
+from svdexp.cache import (SVDCache, cache_key, has_tensor_entry, load_json_entry, load_tensor_entry, model_fingerprint,
                           store_json_entry, store_tensor_entry, tensor_fingerprint)
 from svdexp.calibration import collect_statistics, fisher_information, stats_to_tensors, tensors_to_stats
 from svdexp.compress import StatsPlan, compress_model, target_shapes
@@ -24,6 +24,7 @@ from svdexp.evaluation.harness import evaluate_zeroshot
 from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
+from svdexp.methods.linalg import svd_provider
 from svdexp.models import adapter_for, load_model
 from svdexp.plots import plot_layer_ratios
 from svdexp.tracking import make_logger, read_results, write_json_atomic
@@ -253,16 +254,21 @@ def _compress(cfg, model, adapter, method, calib_ids, shapes, device) -> tuple[A
     importances = [1.0 - s.cosine for s in original_stats] if "cosine" in plan.original else None
 
     t1 = time.perf_counter()
+    # Decompositions of rank-independent matrices are shared across ratios through $SVDEXP_CACHE/svd; with
+    # propagate=compressed every matrix depends on the ratio, so there is nothing to share.
+    svds = SVDCache() if cfg.calib.cache_svd and cfg.method.propagate == "original" else None
     search = None
-    if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
-        alloc_cfg["num_layers"], search = _choose_num_layers(cfg, model, adapter, method, options, plan,
-                                                             original_stats, fisher, calib_ids, shapes, device)
-    alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, importances)
-    if search is not None:
-        alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
-    result = compress_model(model, adapter, method, options, alloc.ranks, plan, original_stats, fisher,
-                            calib_ids, cfg.calib.batch_size, device, cfg.seed)
-    record = {"damped_sites": result.damped_sites, "statistics": cache_record, "calibration_seconds": calib_seconds,
+    with svd_provider(svds):
+        if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
+            alloc_cfg["num_layers"], search = _choose_num_layers(cfg, model, adapter, method, options, plan,
+                                                                 original_stats, fisher, calib_ids, shapes, device)
+        alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, importances)
+        if search is not None:
+            alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
+        result = compress_model(model, adapter, method, options, alloc.ranks, plan, original_stats, fisher,
+                                calib_ids, cfg.calib.batch_size, device, cfg.seed)
+    record = {"damped_sites": result.damped_sites, "statistics": cache_record,
+              "svd_cache": svds.record() if svds is not None else None, "calibration_seconds": calib_seconds,
               "decomposition_seconds": time.perf_counter() - t1}
     return alloc, record
 
@@ -283,8 +289,8 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
         alloc, record = _compress(cfg, model, adapter, method, calib_ids, shapes, device)
     else:
         alloc = Allocation([1.0] * len(shapes), {name: None for layer in shapes for name in layer}, {})
-        record = {"damped_sites": {}, "statistics": {"cached": [], "computed": []}, "calibration_seconds": 0.0,
-                  "decomposition_seconds": 0.0}
+        record = {"damped_sites": {}, "statistics": {"cached": [], "computed": []}, "svd_cache": None,
+                  "calibration_seconds": 0.0, "decomposition_seconds": 0.0}
 
     ppl = _evaluate_ppl(model, eval_sets, cfg, device, "compressed" if compressing else "dense")
     metrics["ppl"] = {name: r["ppl"] for name, r in ppl.items()}

@@ -1,13 +1,34 @@
 """Linear algebra shared by the methods: damped Cholesky, whitening, truncated SVD, least squares.
 
 Everything here works in float64; callers cast the factors back to the model's dtype.
+
+The SVDs of matrices that do not depend on the rank (``W``, ``W S``, ``D W``, ...) go through
+:func:`thin_svd` with ``reuse=True``: inside :func:`svd_provider` (the runner installs the on-disk cache of
+:mod:`svdexp.cache` there) a sweep over ratios decomposes each of them once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
+
+# (M, k) -> (U_k, all singular values, V_k^T) of a float64 M; None: compute with torch.linalg.svd
+SVDProvider = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+_PROVIDER: contextvars.ContextVar[SVDProvider | None] = contextvars.ContextVar("svd_provider", default=None)
+
+
+@contextlib.contextmanager
+def svd_provider(provider: SVDProvider | None) -> Iterator[None]:
+    """Within the block, :func:`thin_svd` calls with ``reuse=True`` are answered by ``provider``."""
+    token = _PROVIDER.set(provider)
+    try:
+        yield
+    finally:
+        _PROVIDER.reset(token)
 
 
 @dataclass
@@ -36,10 +57,25 @@ def damped_cholesky(H: torch.Tensor, eps: float = 1e-6, max_tries: int = 12) -> 
     raise torch.linalg.LinAlgError("H is not positive definite even after damping")
 
 
-def truncated_svd(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U_k, sigma_k, V_k^T`` of ``M`` (float64), plus nothing else: the top-``k`` singular triplets."""
-    U, sigma, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    return U[:, :k], sigma[:k], Vh[:k]
+def thin_svd(M: torch.Tensor, k: int, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U_k``, every singular value, ``V_k^T`` of ``M`` (float64).
+
+    ``reuse``: ``M`` is the same whatever the rank, so an active :func:`svd_provider` may answer from its
+    cache (pass ``False`` for matrices that depend on ``k``, such as a residual).
+    """
+    M = M.double()
+    provider = _PROVIDER.get() if reuse else None
+    if provider is not None:
+        return provider(M, k)
+    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :k], sigma, Vh[:k]
+
+
+def truncated_svd(M: torch.Tensor, k: int, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U_k, sigma_k, V_k^T`` of ``M`` (float64): the top-``k`` singular triplets (``reuse``: see
+    :func:`thin_svd`)."""
+    U, sigma, Vh = thin_svd(M, k, reuse)
+    return U, sigma[:k], Vh
 
 
 def split_sqrt(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,13 +84,15 @@ def split_sqrt(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor) -> tuple[
     return U * root, root[:, None] * Vh
 
 
-def whitened_factors(W: torch.Tensor, S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def whitened_factors(W: torch.Tensor, S: torch.Tensor, k: int, reuse: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD-LLM's truncation-aware whitening: SVD of ``W S``, ``B = sigma^1/2 V^T S^-1`` by triangular solve.
 
     Returns ``A, B`` and all singular values of ``W S`` (the discarded ones are the truncation loss).
+    ``reuse`` (see :func:`thin_svd`): ``False`` when ``W`` itself depends on the rank.
     """
-    U, sigma, Vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
-    A, Bw = split_sqrt(U[:, :k], sigma[:k], Vh[:k])
+    U, sigma, Vh = thin_svd(W.double() @ S, k, reuse)
+    A, Bw = split_sqrt(U, sigma[:k], Vh)
     # B = Bw S^-1  <=>  B S = Bw  <=>  S^T B^T = Bw^T  (S lower triangular, so S^T is upper)
     B = torch.linalg.solve_triangular(S.T, Bw.T, upper=True).T
     return A, B, sigma
@@ -89,7 +127,7 @@ def scaled_factors(W: torch.Tensor, k: int, left: torch.Tensor | None = None,
         M = left.double()[:, None] * M
     if right is not None:
         M = M * right.double()[None, :]
-    A, B = split_sqrt(*truncated_svd(M, k))
+    A, B = split_sqrt(*truncated_svd(M, k, reuse=True))
     if left is not None:
         A = A / left.double()[:, None]
     if right is not None:

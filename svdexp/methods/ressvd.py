@@ -32,7 +32,7 @@ def ressvd(W: torch.Tensor, stats, k: int, options) -> Factors:
         return A1, B1
     R = W.double() - A1 @ B1
     if options.get("space", "plain") == "whitened":
-        A2, B2, _ = whitened_factors(R, S, k2)
+        A2, B2, _ = whitened_factors(R, S, k2, reuse=False)
     else:
         A2, B2 = split_sqrt(*truncated_svd(R, k2))
     return torch.cat([A1, A2], dim=1), torch.cat([B1, B2], dim=0)

@@ -10,4 +10,4 @@ from svdexp.methods.linalg import split_sqrt, truncated_svd
 
 @register("svd")
 def svd(W: torch.Tensor, stats, k: int, options) -> Factors:
-    return split_sqrt(*truncated_svd(W, k))
+    return split_sqrt(*truncated_svd(W, k, reuse=True))
