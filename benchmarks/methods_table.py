@@ -8,7 +8,8 @@ again), then collects every ``results.json`` into ``benchmarks/results/methods_t
 
 Defaults everywhere else (model smollm2_135m, calibration 32 x 512 of wiki train, perplexity over 64 chunks
 of 512 tokens of wiki/news test, uniform allocation, seed 0, fp32 on the CPU); the statistics cache is off
-(``calib.cache=false``) so each cell's compression time includes its own calibration statistics.
+(``calib.cache=false``, ``calib.cache_svd=false``) so each cell's compression time includes its own calibration
+statistics and decompositions.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def run_cell(label: str, ratio: float, overrides: list[str]) -> None:
     """One run of the app into its fixed run dir (log in ``run.log`` next to ``results.json``)."""
     path = run_dir(label, ratio)
     path.mkdir(parents=True, exist_ok=True)
-    # calib.cache=false: every cell computes its own statistics, so its seconds are the method's full cost
+    # caches off: every cell computes its own statistics and SVDs, so its seconds are the method's full cost
     cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), *overrides, "logger=none", "calib.cache=false",
-           f"hydra.run.dir={path}"]
+           "calib.cache_svd=false", f"hydra.run.dir={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TQDM_DISABLE="1")
     t0 = time.perf_counter()
     with open(path / "run.log", "w") as log:
@@ -113,7 +114,7 @@ def write_table(records: list[dict]) -> None:
     lines = ["Perplexity of SmolLM2-135M-Instruct (fp32, CPU) on wiki / news test (64 chunks x 512 tokens), "
              "calibration 32 x 512 wiki train, uniform allocation, seed 0. `ratio` = fraction of each targeted "
              "matrix's parameters removed; (s) = compression seconds (calibration statistics + decomposition, "
-             "statistics cache off), measured on a shared 2-core machine under varying load: indicative only.",
+             "statistics cache off), each cell run alone on a shared 2-core VM (times vary up to ~30 % between repeats).",
              "Produced by `.venv/bin/python benchmarks/methods_table.py`.", "", header,
              "|" + "---|" * (len(RATIOS) + 1)]
     dense = by.get(("none", 0.0))

@@ -1,36 +1,42 @@
-"""Compression cost of the 17-job `svd_llm_table1` sweep against one job, with and without the statistics cache.
+"""Compression cost of the 17-job `svd_llm_table1` sweep against one job, with and without the caches.
 
-    .venv/bin/python benchmarks/sweep.py [extra overrides...]
+    .venv/bin/python benchmarks/sweep.py [--sweep-chunks N] [--keep DIR] [extra overrides...]
 
-Runs, each with a fresh $SVDEXP_CACHE: (1) a single default job (svd_llm, ratio 0.2); (2) the sweep with the
-cache on; (3) the sweep with `calib.cache=false`. Evaluation is cut to 2 chunks (it is excluded from the
-measure): the number compared is the sum over jobs of `compression.seconds` (calibration + decomposition).
-Writes benchmarks/results/sweep.json.
+Runs, each with a fresh, empty $SVDEXP_CACHE (only the converted model is shared): (1) a single default job
+(svd_llm, ratio 0.2); (2) the sweep with the statistics and SVD caches on (the defaults); (3) the sweep with
+`calib.cache=false calib.cache_svd=false`. The number compared is the sum over jobs of `compression.seconds`
+(calibration + decomposition); evaluation is excluded, so it is cut to 2 chunks, except in the cached sweep when
+`--sweep-chunks` asks for more and `--keep` copies that sweep's job folders (e.g. to outputs/sweeps/svd_llm_table1,
+the README's table). Writes benchmarks/results/sweep.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST_EVAL = ["logger=none", "eval.ppl.max_chunks=2", "eval.cache_dense=false"]
 
 
 def compression_seconds(out: Path) -> dict:
-    """Sum of calibration and decomposition seconds over every finished job under ``out``."""
+    """Sum of calibration and decomposition seconds over every finished job under ``out``, and each job's."""
     calib = decomp = 0.0
-    jobs = 0
-    for f in out.rglob("results.json"):
+    jobs = {}
+    for f in sorted(out.rglob("results.json")):
         c = json.loads(f.read_text())["compression"]
         calib += c["calibration_seconds"]
         decomp += c["decomposition_seconds"]
-        jobs += 1
-    return {"jobs": jobs, "calibration": calib, "decomposition": decomp, "total": calib + decomp}
+        jobs[f.parent.name] = {"calibration": round(c["calibration_seconds"], 2),
+                               "decomposition": round(c["decomposition_seconds"], 2),
+                               "statistics_computed": c["statistics"]["computed"], "svd_cache": c.get("svd_cache")}
+    return {"jobs": len(jobs), "calibration": calib, "decomposition": decomp, "total": calib + decomp,
+            "per_job": jobs}
 
 
 def run(cmd: list[str], cache: Path) -> None:
@@ -38,28 +44,32 @@ def run(cmd: list[str], cache: Path) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
-def main(extra: list[str]) -> dict:
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep-chunks", type=int, default=2, help="eval chunks per set in the cached sweep")
+    parser.add_argument("--keep", type=Path, help="copy the cached sweep's job folders here")
+    args, extra = parser.parse_known_args()
     base_cache = Path(tempfile.mkdtemp(prefix="svdexp-bench-"))
-    models = base_cache / "models"     # share the converted model, never the statistics or decompositions
     user_models = Path(os.environ.get("SVDEXP_CACHE", Path.home() / ".cache" / "svdexp")) / "models"
-    if user_models.is_dir():
-        models.symlink_to(user_models)
-    results = {}
-    for label, overrides in (("single", None), ("sweep_cached", []), ("sweep_uncached", ["calib.cache=false"])):
+    results: dict = {"command": " ".join(["benchmarks/sweep.py", *sys.argv[1:]])}
+    for label, overrides in (("single", None), ("sweep_cached", []),
+                             ("sweep_uncached", ["calib.cache=false", "calib.cache_svd=false"])):
         cache = base_cache / label
         cache.mkdir()
-        if models.exists():
-            (cache / "models").symlink_to(models)
+        if user_models.is_dir():
+            (cache / "models").symlink_to(user_models)   # share the converted model, nothing else
         out = base_cache / f"out_{label}"
+        chunks = args.sweep_chunks if label == "sweep_cached" else 2
+        fast_eval = ["logger=none", f"eval.ppl.max_chunks={chunks}", "eval.cache_dense=false"]
         if overrides is None:
-            run([sys.executable, "-m", "svdexp.app", *FAST_EVAL, *extra, f"hydra.run.dir={out}"], cache)
+            run([sys.executable, "-m", "svdexp.app", *fast_eval, *extra, f"hydra.run.dir={out}"], cache)
         else:
-            run([sys.executable, "-m", "svdexp.sweep", "svd_llm_table1", *FAST_EVAL, *overrides, *extra,
+            run([sys.executable, "-m", "svdexp.sweep", "svd_llm_table1", *fast_eval, *overrides, *extra,
                  f"hydra.sweep.dir={out}"], cache)
-        if not models.exists() and (cache / "models").is_dir():
-            (cache / "models").rename(models)
-            (cache / "models").symlink_to(models)
         results[label] = compression_seconds(out)
+        if label == "sweep_cached" and args.keep is not None:
+            shutil.copytree(out, args.keep, dirs_exist_ok=True)
+        print(label, json.dumps({k: v for k, v in results[label].items() if k != "per_job"}), flush=True)
     single = results["single"]["total"]
     results["sweep_cached_over_single"] = results["sweep_cached"]["total"] / single
     results["sweep_uncached_over_single"] = results["sweep_uncached"]["total"] / single
@@ -67,10 +77,11 @@ def main(extra: list[str]) -> dict:
                                                    / results["sweep_uncached"]["calibration"])
     path = ROOT / "benchmarks" / "results" / "sweep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(base_cache)          # GBs of statistics and decompositions (the model folder is a link)
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2))
     return results
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -100,13 +100,29 @@ def _check_allocation(cfg, num_layers: int) -> None:
         check_last_layers(cfg.ratio, cfg.allocation.num_layers, num_layers)
 
 
+# Settings that change how a run is done or logged, never its results: a finished run is not redone for them.
+NOT_RESULT_KEYS = {"logger": None, "calib": ("cache", "cache_svd"), "eval": ("cache_dense",)}
+
+
+def result_identity(config: dict) -> dict:
+    """The resolved config without :data:`NOT_RESULT_KEYS` (what decides whether a finished run is reusable)."""
+    out = dict(config)
+    for group, keys in NOT_RESULT_KEYS.items():
+        if keys is None:
+            out.pop(group, None)
+        elif isinstance(out.get(group), dict):
+            out[group] = {k: v for k, v in out[group].items() if k not in keys}
+    return out
+
+
 def run(cfg, output_dir: str | Path) -> dict:
     """Run the experiment ``cfg`` and write ``results.json`` into ``output_dir``; returns the results."""
     validate(cfg)
     output_dir = Path(output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = read_results(output_dir / "results.json")
-    if previous and previous.get("status") == "done" and previous.get("config") == resolved:
+    if (previous and previous.get("status") == "done"
+            and result_identity(previous.get("config") or {}) == result_identity(resolved)):
         print(f"[svdexp] {output_dir} is already done for this config; skipping (delete results.json to re-run)")
         return previous
     device = torch.device(cfg.device)

@@ -131,3 +131,17 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path):
     results = [read_results(p.parent) for p in out.rglob("results.json")]
     assert sorted(r["compression"]["method"] for r in results) == ["svd", "svd_llm"]
     assert all(r["status"] == "done" for r in results)
+
+
+def test_finished_run_is_reused_across_cache_and_logger_settings_only(tmp_path):
+    """A done run is skipped when only cache/logger settings differ, redone when a result-changing key does."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "job"
+    first = run(["method=svd"], run_dir, cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    mtime = (run_dir / "results.json").stat().st_mtime_ns
+    same = run(["method=svd", "calib.cache=false", "calib.cache_svd=false", "eval.cache_dense=false"], run_dir, cache)
+    assert same.returncode == 0 and "already done" in same.stdout
+    assert (run_dir / "results.json").stat().st_mtime_ns == mtime
+    other = run(["method=svd", "seed=1"], run_dir, cache)
+    assert other.returncode == 0 and "already done" not in other.stdout
+    assert read_results(run_dir)["config"]["seed"] == 1
