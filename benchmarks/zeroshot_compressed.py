@@ -2,7 +2,7 @@
 ``benchmarks/zeroshot_dense.py`` (same tasks, same documents, same batch size).
 
 One run of the real app per ratio (in memory, ``evaluate_zeroshot``: the path ``results.json`` reports), then
-``benchmarks/results/zeroshot_compressed.{json,md}``::
+``benchmarks/results/zeroshot_compressed_{full,limit<N>}.{json,md}``::
 
     .venv/bin/python benchmarks/zeroshot_compressed.py --limit 200            # ratios 0.2 and 0.4
     .venv/bin/python benchmarks/zeroshot_compressed.py --limit 200 --collect  # only rebuild the table
@@ -25,19 +25,23 @@ OUT_DIR = ROOT / "benchmarks" / "results"
 TASKS = ["arc_easy_embedded", "piqa_embedded", "winogrande_embedded", "hellaswag_embedded"]
 
 
+def stem(limit: int | None) -> str:
+    return "full" if limit is None else f"limit{limit}"
+
+
 def run_dir(ratio: float, limit: int | None) -> Path:
-    return ROOT / "outputs" / "zeroshot" / f"svd_llm_r{ratio}_limit{limit or 'all'}"
+    return ROOT / "outputs" / "zeroshot" / f"svd_llm_r{ratio}_{stem(limit)}"
 
 
-def run(ratio: float, limit: int | None, batch_size: int) -> dict:
-    """The app's ``results.json`` for svd_llm at ``ratio`` with zero-shot on ``TASKS`` (runs it if needed)."""
+def run(ratio: float, limit: int | None, batch_size: int, tasks: list[str]) -> dict:
+    """The app's ``results.json`` for svd_llm at ``ratio`` with zero-shot on ``tasks`` (runs it if needed)."""
     path = run_dir(ratio, limit)
     results = path / "results.json"
     if results.is_file() and json.loads(results.read_text()).get("status") == "done":
         return json.loads(results.read_text())
     path.mkdir(parents=True, exist_ok=True)
     cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), "method=svd_llm", f"ratio={ratio}", "logger=none",
-           f"eval.zeroshot.tasks=[{','.join(TASKS)}]", f"eval.zeroshot.limit={'null' if limit is None else limit}",
+           f"eval.zeroshot.tasks=[{','.join(tasks)}]", f"eval.zeroshot.limit={'null' if limit is None else limit}",
            f"eval.zeroshot.batch_size={batch_size}", f"hydra.run.dir={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                WANDB_MODE="disabled", TQDM_DISABLE="1")
@@ -54,36 +58,36 @@ def _cell(m: dict | None, key: str) -> str:
     return f"{m[key]:.3f}"
 
 
-def write(records: dict[str, dict], limit: int | None, batch_size: int) -> None:
-    dense_path = OUT_DIR / "zeroshot_dense.json"
+def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: list[str]) -> None:
+    dense_path = OUT_DIR / f"zeroshot_dense_{stem(limit)}.json"
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
-    if dense is not None and (dense["limit"], dense["batch_size"]) != (limit, batch_size):
+    if dense is not None and (dense["limit"], dense["batch_size"], dense["tasks"]) != (limit, batch_size, tasks):
         dense = None      # another subset or batch size: not comparable
     columns = ({"dense": dense["in_memory"]} if dense else {}) | {k: v["metrics"]["zeroshot"] for k, v in
                                                                  records.items()}
-    lines = [f"SmolLM2-135M-Instruct (fp32, CPU), embedded zero-shot tasks, first {limit or 'all'} documents per "
+    lines = [f"SmolLM2-135M-Instruct (fp32, CPU), embedded zero-shot tasks, {'all' if limit is None else f'first {limit}'} documents per "
              f"task, batch size {batch_size}, 0-shot; svd_llm with uniform allocation, calibration 32 x 512 wiki. "
              "acc (acc_norm). Dense column: benchmarks/zeroshot_dense.py (in memory; the lm_eval CLI agrees).",
-             f"Command: `.venv/bin/python benchmarks/zeroshot_compressed.py --limit {limit}`", "",
+             f"Command: `.venv/bin/python benchmarks/zeroshot_compressed.py {' '.join(a for a in sys.argv[1:] if a != '--collect')}`", "",
              "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for task in TASKS:
+    for task in tasks:
         cells = [f"{_cell(c.get(task), 'acc')} ({_cell(c.get(task), 'acc_norm')})" for c in columns.values()]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     means = []
     for c in columns.values():
-        accs = [c[t]["acc"] for t in TASKS if t in c]
+        accs = [c[t]["acc"] for t in tasks if t in c]
         means.append(f"{sum(accs) / len(accs):.3f}" if accs else "-")
     lines.append("| mean acc | " + " | ".join(means) + " |")
     ppl = {k: v["metrics"]["ppl"] for k, v in records.items()}
     lines += ["", "Perplexity of the same compressed models (wiki / news, 64 x 512): "
               + ", ".join(f"{k}: {p['wiki']:.2f} / {p['news']:.2f}" for k, p in ppl.items()) + "."]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "zeroshot_compressed.json").write_text(json.dumps(
-        {"limit": limit, "batch_size": batch_size, "tasks": TASKS,
+    (OUT_DIR / f"zeroshot_compressed_{stem(limit)}.json").write_text(json.dumps(
+        {"limit": limit, "batch_size": batch_size, "tasks": tasks,
          "runs": {k: {"zeroshot": v["metrics"]["zeroshot"], "ppl": v["metrics"]["ppl"],
                       "achieved_ratio_targeted": v["compression"]["achieved_ratio_targeted"]}
                   for k, v in records.items()}}, indent=2) + "\n")
-    (OUT_DIR / "zeroshot_compressed.md").write_text("\n".join(lines) + "\n")
+    (OUT_DIR / f"zeroshot_compressed_{stem(limit)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -92,15 +96,17 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--collect", action="store_true", help="only rebuild the table from finished runs")
     args = parser.parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]
     records = {}
     for ratio in args.ratios:
         done = run_dir(ratio, args.limit) / "results.json"
         if args.collect and not done.is_file():
             continue
-        records[f"svd_llm {int(ratio * 100)} %"] = run(ratio, args.limit, args.batch_size)
-    write(records, args.limit, args.batch_size)
+        records[f"svd_llm {int(ratio * 100)} %"] = run(ratio, args.limit, args.batch_size, tasks)
+    write(records, args.limit, args.batch_size, tasks)
     return 0
 
 

@@ -5,7 +5,7 @@
 2. lm-eval's own command line on a plain HF folder (the GGUF dequantised to fp32 once, saved with
    ``save_pretrained``): ``lm_eval --model hf --include_path svdexp/evaluation/tasks ...``.
 
-Writes ``benchmarks/results/zeroshot_dense.{json,md}``::
+Writes ``benchmarks/results/zeroshot_dense_{full,limit<N>}.{json,md}``::
 
     .venv/bin/python benchmarks/zeroshot_dense.py                 # every document (hours on 2 CPU cores)
     .venv/bin/python benchmarks/zeroshot_dense.py --limit 200     # first 200 documents of each task
@@ -159,9 +159,17 @@ def markdown(report: dict[str, Any]) -> str:
     if lim is not None:
         lines.append(f"A limit of {lim} documents per task was used: the full validation splits (hellaswag alone "
                      "has 10042 contexts, ~3 s each here) would take many hours per path on 2 CPU cores.")
+    skipped = [t for t in TASKS if t not in report["tasks"]]
+    if skipped:
+        lines.append(f"Not in this run: {', '.join(skipped)}.")
     lines.append(f"Command: `{report['command']}`")
     lines.append("")
     return "\n".join(lines)
+
+
+def output_stem(limit: int | None) -> str:
+    """``zeroshot_dense_full`` or ``zeroshot_dense_limit<N>``: runs over different subsets never overwrite."""
+    return "zeroshot_dense_" + ("full" if limit is None else f"limit{limit}")
 
 
 def main() -> int:
@@ -203,8 +211,9 @@ def main() -> int:
         "seconds": {"in_memory": t_mem, "cli": t_cli},
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "zeroshot_dense.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUT_DIR / "zeroshot_dense.md").write_text(markdown(report))
+    stem = output_stem(args.limit)
+    (OUT_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT_DIR / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     return 0 if report["all_agree"] else 1
 
