@@ -114,7 +114,8 @@ def write_table(records: list[dict]) -> None:
     lines = ["Perplexity of SmolLM2-135M-Instruct (fp32, CPU) on wiki / news test (64 chunks x 512 tokens), "
              "calibration 32 x 512 wiki train, uniform allocation, seed 0. `ratio` = fraction of each targeted "
              "matrix's parameters removed; (s) = compression seconds (calibration statistics + decomposition, "
-             "statistics cache off), each cell run alone on a shared 2-core VM (times vary up to ~30 % between repeats).",
+             "statistics and SVD caches off), each cell run alone on a shared 2-core VM (times vary up to ~30 % "
+             "between repeats).",
              "Produced by `.venv/bin/python benchmarks/methods_table.py`.", "", header,
              "|" + "---|" * (len(RATIOS) + 1)]
     dense = by.get(("none", 0.0))

@@ -65,10 +65,12 @@ def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: l
         dense = None      # another subset or batch size: not comparable
     columns = ({"dense": dense["in_memory"]} if dense else {}) | {k: v["metrics"]["zeroshot"] for k, v in
                                                                  records.items()}
-    lines = [f"SmolLM2-135M-Instruct (fp32, CPU), embedded zero-shot tasks, {'all' if limit is None else f'first {limit}'} documents per "
+    docs = "all" if limit is None else f"first {limit}"
+    command = " ".join(a for a in sys.argv[1:] if a != "--collect")
+    lines = [f"SmolLM2-135M-Instruct (fp32, CPU), embedded zero-shot tasks, {docs} documents per "
              f"task, batch size {batch_size}, 0-shot; svd_llm with uniform allocation, calibration 32 x 512 wiki. "
              "acc (acc_norm). Dense column: benchmarks/zeroshot_dense.py (in memory; the lm_eval CLI agrees).",
-             f"Command: `.venv/bin/python benchmarks/zeroshot_compressed.py {' '.join(a for a in sys.argv[1:] if a != '--collect')}`", "",
+             f"Command: `.venv/bin/python benchmarks/zeroshot_compressed.py {command}`", "",
              "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for task in tasks:
         cells = [f"{_cell(c.get(task), 'acc')} ({_cell(c.get(task), 'acc_norm')})" for c in columns.values()]
