@@ -2,7 +2,7 @@
 ``benchmarks/zeroshot_dense.py`` (same tasks, same documents, same batch size).
 
 One run of the real app per ratio (in memory, ``evaluate_zeroshot``: the path ``results.json`` reports), then
-``benchmarks/results/zeroshot_compressed_{full,limit<N>}.{json,md}``::
+``benchmarks/results/zeroshot_compressed_<subset>.{json,md}``::
 
     .venv/bin/python benchmarks/zeroshot_compressed.py --limit 200            # ratios 0.2 and 0.4
     .venv/bin/python benchmarks/zeroshot_compressed.py --limit 200 --collect  # only rebuild the table
@@ -20,22 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT_DIR = ROOT / "benchmarks" / "results"
-TASKS = ["arc_easy_embedded", "piqa_embedded", "winogrande_embedded", "hellaswag_embedded"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zeroshot_dense import OUT_DIR, ROOT, TASKS, subset_name  # noqa: E402
 
 
-def stem(limit: int | None) -> str:
-    return "full" if limit is None else f"limit{limit}"
-
-
-def run_dir(ratio: float, limit: int | None) -> Path:
-    return ROOT / "outputs" / "zeroshot" / f"svd_llm_r{ratio}_{stem(limit)}"
+def run_dir(ratio: float, limit: int | None, tasks: list[str]) -> Path:
+    return ROOT / "outputs" / "zeroshot" / f"svd_llm_r{ratio}_{subset_name(limit, tasks)}"
 
 
 def run(ratio: float, limit: int | None, batch_size: int, tasks: list[str]) -> dict:
     """The app's ``results.json`` for svd_llm at ``ratio`` with zero-shot on ``tasks`` (runs it if needed)."""
-    path = run_dir(ratio, limit)
+    path = run_dir(ratio, limit, tasks)
     results = path / "results.json"
     if results.is_file() and json.loads(results.read_text()).get("status") == "done":
         return json.loads(results.read_text())
@@ -59,7 +54,7 @@ def _cell(m: dict | None, key: str) -> str:
 
 
 def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: list[str]) -> None:
-    dense_path = OUT_DIR / f"zeroshot_dense_{stem(limit)}.json"
+    dense_path = OUT_DIR / f"zeroshot_dense_{subset_name(limit, tasks)}.json"
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
     if dense is not None and (dense["limit"], dense["batch_size"], dense["tasks"]) != (limit, batch_size, tasks):
         dense = None      # another subset or batch size: not comparable
@@ -84,12 +79,12 @@ def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: l
     lines += ["", "Perplexity of the same compressed models (wiki / news, 64 x 512): "
               + ", ".join(f"{k}: {p['wiki']:.2f} / {p['news']:.2f}" for k, p in ppl.items()) + "."]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / f"zeroshot_compressed_{stem(limit)}.json").write_text(json.dumps(
+    (OUT_DIR / f"zeroshot_compressed_{subset_name(limit, tasks)}.json").write_text(json.dumps(
         {"limit": limit, "batch_size": batch_size, "tasks": tasks,
          "runs": {k: {"zeroshot": v["metrics"]["zeroshot"], "ppl": v["metrics"]["ppl"],
                       "achieved_ratio_targeted": v["compression"]["achieved_ratio_targeted"]}
                   for k, v in records.items()}}, indent=2) + "\n")
-    (OUT_DIR / f"zeroshot_compressed_{stem(limit)}.md").write_text("\n".join(lines) + "\n")
+    (OUT_DIR / f"zeroshot_compressed_{subset_name(limit, tasks)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -104,7 +99,7 @@ def main() -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     records = {}
     for ratio in args.ratios:
-        done = run_dir(ratio, args.limit) / "results.json"
+        done = run_dir(ratio, args.limit, tasks) / "results.json"
         if args.collect and not done.is_file():
             continue
         records[f"svd_llm {int(ratio * 100)} %"] = run(ratio, args.limit, args.batch_size, tasks)

@@ -5,7 +5,7 @@
 2. lm-eval's own command line on a plain HF folder (the GGUF dequantised to fp32 once, saved with
    ``save_pretrained``): ``lm_eval --model hf --include_path svdexp/evaluation/tasks ...``.
 
-Writes ``benchmarks/results/zeroshot_dense_{full,limit<N>}.{json,md}``::
+Writes ``benchmarks/results/zeroshot_dense_<subset>.{json,md}`` (see :func:`subset_name`)::
 
     .venv/bin/python benchmarks/zeroshot_dense.py                 # every document (hours on 2 CPU cores)
     .venv/bin/python benchmarks/zeroshot_dense.py --limit 200     # first 200 documents of each task
@@ -167,9 +167,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def output_stem(limit: int | None) -> str:
-    """``zeroshot_dense_full`` or ``zeroshot_dense_limit<N>``: runs over different subsets never overwrite."""
-    return "zeroshot_dense_" + ("full" if limit is None else f"limit{limit}")
+def subset_name(limit: int | None, tasks: list[str]) -> str:
+    """``full`` or ``limit<N>``, plus the task names when not all four: subsets never overwrite each other."""
+    name = "full" if limit is None else f"limit{limit}"
+    if list(tasks) != TASKS:
+        name += "_" + "-".join(t.removesuffix("_embedded") for t in tasks)
+    return name
 
 
 def main() -> int:
@@ -211,7 +214,7 @@ def main() -> int:
         "seconds": {"in_memory": t_mem, "cli": t_cli},
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(args.limit)
+    stem = f"zeroshot_dense_{subset_name(args.limit, tasks)}"
     (OUT_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (OUT_DIR / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
