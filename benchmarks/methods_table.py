@@ -7,9 +7,9 @@ again), then collects every ``results.json`` into ``benchmarks/results/methods_t
     .venv/bin/python benchmarks/methods_table.py --collect  # only rebuild the table from finished runs
 
 Defaults everywhere else (model smollm2_135m, calibration 32 x 512 of wiki train, perplexity over 64 chunks
-of 512 tokens of wiki/news test, uniform allocation, seed 0, fp32 on the CPU); the statistics cache is off
-(``calib.cache=false``, ``calib.cache_svd=false``) so each cell's compression time includes its own calibration
-statistics and decompositions.
+of 512 tokens of wiki/news test, uniform allocation, seed 0, fp32 on the CPU); the statistics and SVD caches
+are off (``calib.cache=false``, ``calib.cache_svd=false``) so each cell's compression time includes its own
+calibration statistics and decompositions.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from svdexp.models.loading import cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,7 @@ def main() -> dict:
     parser.add_argument("--keep", type=Path, help="copy the cached sweep's job folders here")
     args, extra = parser.parse_known_args()
     base_cache = Path(tempfile.mkdtemp(prefix="svdexp-bench-"))
-    user_models = Path(os.environ.get("SVDEXP_CACHE", Path.home() / ".cache" / "svdexp")) / "models"
+    user_models = cache_dir() / "models"
     results: dict = {"command": " ".join(["benchmarks/sweep.py", *sys.argv[1:]])}
     for label, overrides in (("single", None), ("sweep_cached", []),
                              ("sweep_uncached", ["calib.cache=false", "calib.cache_svd=false"])):

@@ -23,17 +23,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zeroshot_dense import OUT_DIR, ROOT, TASKS, subset_name  # noqa: E402
 
+from svdexp.tracking import read_results  # noqa: E402
+
 
 def run_dir(ratio: float, limit: int | None, tasks: list[str]) -> Path:
     return ROOT / "outputs" / "zeroshot" / f"svd_llm_r{ratio}_{subset_name(limit, tasks)}"
 
 
+def finished(ratio: float, limit: int | None, tasks: list[str]) -> dict | None:
+    """The run's results if it completed, else ``None``."""
+    r = read_results(run_dir(ratio, limit, tasks) / "results.json")
+    return r if r and r.get("status") == "done" else None
+
+
 def run(ratio: float, limit: int | None, batch_size: int, tasks: list[str]) -> dict:
     """The app's ``results.json`` for svd_llm at ``ratio`` with zero-shot on ``tasks`` (runs it if needed)."""
+    done = finished(ratio, limit, tasks)
+    if done is not None:
+        return done
     path = run_dir(ratio, limit, tasks)
-    results = path / "results.json"
-    if results.is_file() and json.loads(results.read_text()).get("status") == "done":
-        return json.loads(results.read_text())
     path.mkdir(parents=True, exist_ok=True)
     cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), "method=svd_llm", f"ratio={ratio}", "logger=none",
            f"eval.zeroshot.tasks=[{','.join(tasks)}]", f"eval.zeroshot.limit={'null' if limit is None else limit}",
@@ -44,7 +52,7 @@ def run(ratio: float, limit: int | None, batch_size: int, tasks: list[str]) -> d
     with open(path / "run.log", "w") as log:
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     print(f"ratio {ratio}: {time.perf_counter() - t0:.0f} s ({' '.join(cmd[1:])})", flush=True)
-    return json.loads(results.read_text())
+    return json.loads((path / "results.json").read_text())
 
 
 def _cell(m: dict | None, key: str) -> str:
@@ -99,8 +107,7 @@ def main() -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     records = {}
     for ratio in args.ratios:
-        done = run_dir(ratio, args.limit, tasks) / "results.json"
-        if args.collect and not done.is_file():
+        if args.collect and finished(ratio, args.limit, tasks) is None:
             continue
         records[f"svd_llm {int(ratio * 100)} %"] = run(ratio, args.limit, args.batch_size, tasks)
     write(records, args.limit, args.batch_size, tasks)

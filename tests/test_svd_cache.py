@@ -1,6 +1,8 @@
 """The SVD cache: one decomposition per (scaled) matrix shared across ranks, bit-identical to no cache,
 corrupt entries recomputed; through the real app, a second ratio reuses every decomposition of the first."""
 
+import json
+
 import pytest
 import torch
 
@@ -66,7 +68,7 @@ def test_a_second_ratio_reuses_every_decomposition(tmp_path):
                        ("prefix", ["method=svd_llm", "ratio=0.4", "method.propagate=compressed"])):
         proc = run(args, tmp_path / name, cache)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = __import__("json").loads((tmp_path / name / "results.json").read_text())
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
     assert runs["r02"]["compression"]["svd_cache"] == {"reused": 0, "computed": 28}    # 4 layers x 7 matrices
     assert runs["r04"]["compression"]["svd_cache"] == {"reused": 28, "computed": 0}
     assert runs["r04_nocache"]["compression"]["svd_cache"] is None
