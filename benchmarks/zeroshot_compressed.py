@@ -6,6 +6,7 @@ One run of the real app per ratio (in memory, ``evaluate_zeroshot``: the path ``
 
     .venv/bin/python benchmarks/zeroshot_compressed.py --limit 200            # ratios 0.2 and 0.4
     .venv/bin/python benchmarks/zeroshot_compressed.py --limit 200 --collect  # only rebuild the table
+    .venv/bin/python benchmarks/zeroshot_compressed.py --dtype bfloat16       # zero-shot in bf16 (eval.zeroshot.dtype)
 
 A finished ratio (its ``results.json`` done) is not run again.
 """
@@ -26,26 +27,26 @@ from zeroshot_dense import OUT_DIR, ROOT, TASKS, subset_name  # noqa: E402
 from svdexp.tracking import read_results  # noqa: E402
 
 
-def run_dir(ratio: float, limit: int | None, tasks: list[str]) -> Path:
-    return ROOT / "outputs" / "zeroshot" / f"svd_llm_r{ratio}_{subset_name(limit, tasks)}"
+def run_dir(ratio: float, limit: int | None, tasks: list[str], dtype: str) -> Path:
+    return ROOT / "outputs" / "zeroshot" / f"svd_llm_r{ratio}_{subset_name(limit, tasks, dtype)}"
 
 
-def finished(ratio: float, limit: int | None, tasks: list[str]) -> dict | None:
+def finished(ratio: float, limit: int | None, tasks: list[str], dtype: str) -> dict | None:
     """The run's results if it completed, else ``None``."""
-    r = read_results(run_dir(ratio, limit, tasks) / "results.json")
+    r = read_results(run_dir(ratio, limit, tasks, dtype) / "results.json")
     return r if r and r.get("status") == "done" else None
 
 
-def run(ratio: float, limit: int | None, batch_size: int, tasks: list[str]) -> dict:
+def run(ratio: float, limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> dict:
     """The app's ``results.json`` for svd_llm at ``ratio`` with zero-shot on ``tasks`` (runs it if needed)."""
-    done = finished(ratio, limit, tasks)
+    done = finished(ratio, limit, tasks, dtype)
     if done is not None:
         return done
-    path = run_dir(ratio, limit, tasks)
+    path = run_dir(ratio, limit, tasks, dtype)
     path.mkdir(parents=True, exist_ok=True)
     cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), "method=svd_llm", f"ratio={ratio}", "logger=none",
            f"eval.zeroshot.tasks=[{','.join(tasks)}]", f"eval.zeroshot.limit={'null' if limit is None else limit}",
-           f"eval.zeroshot.batch_size={batch_size}", f"hydra.run.dir={path}"]
+           f"eval.zeroshot.batch_size={batch_size}", f"eval.zeroshot.dtype={dtype}", f"hydra.run.dir={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                WANDB_MODE="disabled", TQDM_DISABLE="1")
     t0 = time.perf_counter()
@@ -61,16 +62,18 @@ def _cell(m: dict | None, key: str) -> str:
     return f"{m[key]:.3f}"
 
 
-def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: list[str]) -> None:
-    dense_path = OUT_DIR / f"zeroshot_dense_{subset_name(limit, tasks)}.json"
+def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> None:
+    name = subset_name(limit, tasks, dtype)
+    dense_path = OUT_DIR / f"zeroshot_dense_{name}.json"
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
-    if dense is not None and (dense["limit"], dense["batch_size"], dense["tasks"]) != (limit, batch_size, tasks):
-        dense = None      # another subset or batch size: not comparable
+    if dense is not None and (dense["limit"], dense["batch_size"], dense["tasks"], dense.get("dtype", "float32")) \
+            != (limit, batch_size, tasks, dtype):
+        dense = None      # another subset, batch size or dtype: not comparable
     columns = ({"dense": dense["in_memory"]} if dense else {}) | {k: v["metrics"]["zeroshot"] for k, v in
                                                                  records.items()}
     docs = "all" if limit is None else f"first {limit}"
     command = " ".join(a for a in sys.argv[1:] if a != "--collect")
-    lines = [f"SmolLM2-135M-Instruct (fp32, CPU), embedded zero-shot tasks, {docs} documents per "
+    lines = [f"SmolLM2-135M-Instruct (compressed in float32, zero-shot in {dtype}, CPU), embedded zero-shot tasks, {docs} documents per "
              f"task, batch size {batch_size}, 0-shot; svd_llm with uniform allocation, calibration 32 x 512 wiki. "
              "acc (acc_norm). Dense column: benchmarks/zeroshot_dense.py (in memory; the lm_eval CLI agrees).",
              f"Command: `.venv/bin/python benchmarks/zeroshot_compressed.py {command}`", "",
@@ -87,12 +90,12 @@ def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: l
     lines += ["", "Perplexity of the same compressed models (wiki / news, 64 x 512): "
               + ", ".join(f"{k}: {p['wiki']:.2f} / {p['news']:.2f}" for k, p in ppl.items()) + "."]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / f"zeroshot_compressed_{subset_name(limit, tasks)}.json").write_text(json.dumps(
-        {"limit": limit, "batch_size": batch_size, "tasks": tasks,
+    (OUT_DIR / f"zeroshot_compressed_{name}.json").write_text(json.dumps(
+        {"limit": limit, "batch_size": batch_size, "tasks": tasks, "dtype": dtype,
          "runs": {k: {"zeroshot": v["metrics"]["zeroshot"], "ppl": v["metrics"]["ppl"],
                       "achieved_ratio_targeted": v["compression"]["achieved_ratio_targeted"]}
                   for k, v in records.items()}}, indent=2) + "\n")
-    (OUT_DIR / f"zeroshot_compressed_{subset_name(limit, tasks)}.md").write_text("\n".join(lines) + "\n")
+    (OUT_DIR / f"zeroshot_compressed_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -102,15 +105,17 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="eval.zeroshot.dtype of the runs (compression is float32 either way)")
     parser.add_argument("--collect", action="store_true", help="only rebuild the table from finished runs")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
     records = {}
     for ratio in args.ratios:
-        if args.collect and finished(ratio, args.limit, tasks) is None:
+        if args.collect and finished(ratio, args.limit, tasks, args.dtype) is None:
             continue
-        records[f"svd_llm {int(ratio * 100)} %"] = run(ratio, args.limit, args.batch_size, tasks)
-    write(records, args.limit, args.batch_size, tasks)
+        records[f"svd_llm {int(ratio * 100)} %"] = run(ratio, args.limit, args.batch_size, tasks, args.dtype)
+    write(records, args.limit, args.batch_size, tasks, args.dtype)
     return 0
 
 

@@ -74,6 +74,7 @@ class ZeroShotConfig:
     limit: Optional[float] = None                   # docs per task (int) or fraction; null = all
     batch_size: int = 8
     num_fewshot: Optional[int] = None
+    dtype: Optional[str] = None                     # float32 | bfloat16 | float16; null = the run's dtype
 
 
 @dataclass
@@ -190,6 +191,8 @@ def validate(cfg) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _positive_int("eval.zeroshot.batch_size", cfg.eval.zeroshot.batch_size)
+    if cfg.eval.zeroshot.dtype is not None:
+        _choice("eval.zeroshot.dtype", cfg.eval.zeroshot.dtype, sorted(DTYPES))
     if not isinstance(cfg.save, (bool, str)):
         raise ConfigError(f"save={cfg.save!r} must be false, true (save into the run directory) or a folder path.")
     if isinstance(cfg.save, str):

@@ -74,7 +74,7 @@ def _zeroshot(model, tokenizer, cfg, device: torch.device) -> dict:
     max_length = min(cfg.model.seq_len, getattr(model.config, "max_position_embeddings", None) or cfg.model.seq_len)
     try:
         return evaluate_zeroshot(model, tokenizer, list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot,
-                                 max_length, str(device))
+                                 max_length, str(device), dtype=zs.dtype)
     finally:
         model.to("cpu")
 

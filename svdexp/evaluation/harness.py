@@ -18,6 +18,12 @@ Config keys (Hydra group ``eval/zeroshot``, wired by the runner):
     tasks only ship one split, so few-shot examples are drawn from that split; lm-eval
     excludes the document being scored for the validation-split tasks, but not for
     lambada_embedded (test split), exactly as for its own lambada_openai.
+``eval.zeroshot.dtype``
+    null = evaluate in the run's dtype; ``bfloat16`` / ``float16`` / ``float32`` = cast the
+    model's floating-point parameters to it for the evaluation only (buffers such as RoPE's
+    ``inv_freq`` keep their dtype, as ``from_pretrained(dtype=...)`` leaves them) and restore
+    the original tensors afterwards, bit for bit. It is what ``lm_eval --model_args
+    dtype=bfloat16`` does to a float32 checkpoint; on CPUs with AMX, bfloat16 is ~3x faster.
 ``max_length``
     Context length handed to ``HFLM`` (longer contexts are cut from the left); the runner
     sets it from the model/eval config.
@@ -38,10 +44,11 @@ the tasks, as the SVD-LLM/ASVD tables average it (each task counts once, whateve
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +211,29 @@ def _needs_lm_eval_defaults(names: Sequence[str]) -> bool:
     return any(n not in local for n in names)
 
 
+@contextlib.contextmanager
+def parameters_cast_to(model: torch.nn.Module, dtype: str | None) -> Iterator[torch.nn.Module]:
+    """Within the block, ``model``'s floating-point parameters are in ``dtype``; afterwards they are
+    the original tensors again (kept aside meanwhile, so nothing is rounded twice). None = no cast."""
+    if dtype is None:
+        yield model
+        return
+    from svdexp.models.loading import DTYPES
+
+    target = DTYPES[dtype]
+    originals = {}
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype != target:
+            originals[name] = param.data
+            param.data = param.data.to(target)
+    try:
+        yield model
+    finally:
+        for name, param in model.named_parameters():
+            if name in originals:
+                param.data = originals[name]
+
+
 def evaluate_zeroshot(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -214,12 +244,14 @@ def evaluate_zeroshot(
     max_length: int,
     device: str,
     *,
+    dtype: str | None = None,
     bootstrap_iters: int = 1000,
 ) -> dict[str, Any]:
     """Evaluate ``model`` in memory on lm-eval tasks; return per-task metrics + mean_acc.
 
     The model is moved to ``device`` (HFLM ignores its ``device`` argument for a model
-    object) and wrapped in ``HFLM`` with ``batch_size`` and ``max_length`` applied;
+    object), its parameters cast to ``dtype`` for the evaluation (None = as they are, see
+    ``parameters_cast_to``), and wrapped in ``HFLM`` with ``batch_size`` and ``max_length`` applied;
     lm-eval's request cache and response cache are off. ``tasks`` may contain set names
     (expanded with ``resolve_tasks``) and is validated before anything is loaded.
     ``bootstrap_iters`` only matters for bootstrapped metrics (LAMBADA perplexity);
@@ -239,34 +271,36 @@ def evaluate_zeroshot(
     limit = normalize_limit(limit)
 
     model.to(device)
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=int(batch_size),
-        max_length=int(max_length),
-        device=device,
-    )
-    if lm.batch_size != int(batch_size):  # guard against HFLM silently falling back to 1
-        raise RuntimeError(f"HFLM batch size is {lm.batch_size}, expected {batch_size}")
+    with parameters_cast_to(model, dtype):
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=int(batch_size),
+            max_length=int(max_length),
+            device=device,
+        )
+        if lm.batch_size != int(batch_size):  # guard against HFLM silently falling back to 1
+            raise RuntimeError(f"HFLM batch size is {lm.batch_size}, expected {batch_size}")
 
-    manager = TaskManager(
-        include_path=str(TASKS_DIR), include_defaults=_needs_lm_eval_defaults(names)
-    )
-    log.info("zero-shot: tasks=%s limit=%s batch_size=%s num_fewshot=%s", names, limit, batch_size, num_fewshot)
-    results = simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=num_fewshot,
-        batch_size=int(batch_size),
-        device=device,
-        use_cache=None,
-        cache_requests=False,
-        limit=limit,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=False,
-        write_out=False,
-        task_manager=manager,
-    )
+        manager = TaskManager(
+            include_path=str(TASKS_DIR), include_defaults=_needs_lm_eval_defaults(names)
+        )
+        log.info("zero-shot: tasks=%s limit=%s batch_size=%s num_fewshot=%s dtype=%s",
+                 names, limit, batch_size, num_fewshot, dtype or "as loaded")
+        results = simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            batch_size=int(batch_size),
+            device=device,
+            use_cache=None,
+            cache_requests=False,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            write_out=False,
+            task_manager=manager,
+        )
     if results is None:  # only on non-zero ranks, which we never use
         raise RuntimeError("lm-eval returned no results")
     return summarize_results(results)
