@@ -20,6 +20,7 @@ from svdexp.calibration import (LayerStats, MatrixStats, SiteStats, capture_laye
 from svdexp.errors import NumericalError
 from svdexp.lowrank import LowRankLinear
 from svdexp.methods import Method
+from svdexp.methods.linalg import weight_in_use
 from svdexp.models.adapters import Adapter
 
 
@@ -95,7 +96,8 @@ def compress_layer(layer: nn.Module, adapter: Adapter, layer_name: str, method: 
             if not torch.isfinite(W).all():
                 raise NumericalError(f"non-finite weights in {full}.")
             own = {"fisher": fisher[full].to(device)} if fisher is not None else {}
-            A, B = method.fn(W, MatrixStats(sites[site], own), k, options)
+            with weight_in_use(full):
+                A, B = method.fn(W, MatrixStats(sites[site], own), k, options)
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise NumericalError(f"method {method.name} produced non-finite factors for {full}.")
             bias = linear.bias.detach() if linear.bias is not None else None

@@ -202,7 +202,7 @@ def _choose_num_layers(cfg, model, adapter, method, options, plan, original_stat
 SHARED_STATS = frozenset({"H", "abs_mean", "cosine"})
 
 
-def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, device
+def _original_statistics(cfg, model, fingerprint: str, adapter, plan, options: dict, calib_ids, device
                          ) -> tuple[list | None, dict | None, dict]:
     """The dense model's statistics the plan needs, from the cache where present; missing ones in one pass.
 
@@ -215,7 +215,7 @@ def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, de
     if not wanted:
         return None, None, {"cached": [], "computed": []}
     groups = int(options.get("groups") or 0)
-    base = {"model": model_fingerprint(model), "tokens": tensor_fingerprint(calib_ids), "propagate": "original",
+    base = {"model": fingerprint, "tokens": tensor_fingerprint(calib_ids), "propagate": "original",
             "batch_size": cfg.calib.batch_size, "dtype": cfg.dtype, "device": device.type}
     keys = {}
     for stat in wanted:
@@ -258,21 +258,23 @@ def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, de
     return layer_stats, fisher, cache_record
 
 
-def _compress(cfg, model, adapter, method, calib_ids, shapes, device) -> tuple[Allocation, dict]:
-    """Statistics, allocation and factorisation; returns the allocation and the compression record."""
+def _compress(cfg, model, fingerprint: str, adapter, method, calib_ids, shapes, device
+              ) -> tuple[Allocation, dict]:
+    """Statistics, allocation and factorisation of the dense ``model`` (whose weights ``fingerprint``
+    identifies); returns the allocation and the compression record."""
     options = OmegaConf.to_container(cfg.method, resolve=True)
     alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
     plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name, options)
     t0 = time.perf_counter()
-    original_stats, fisher, cache_record = _original_statistics(cfg, model, adapter, plan, options, calib_ids,
-                                                                device)
+    original_stats, fisher, cache_record = _original_statistics(cfg, model, fingerprint, adapter, plan, options,
+                                                                calib_ids, device)
     calib_seconds = time.perf_counter() - t0
     importances = [1.0 - s.cosine for s in original_stats] if "cosine" in plan.original else None
 
     t1 = time.perf_counter()
     # Decompositions of rank-independent matrices are shared across ratios through $SVDEXP_CACHE/svd; with
     # propagate=compressed every matrix depends on the ratio, so there is nothing to share.
-    svds = SVDCache() if cfg.calib.cache_svd and cfg.method.propagate == "original" else None
+    svds = SVDCache(fingerprint, device.type) if cfg.calib.cache_svd and cfg.method.propagate == "original" else None
     search = None
     with svd_provider(svds):
         if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
@@ -302,7 +304,7 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
             metrics["dense_zeroshot"] = _dense_zeroshot(model, tokenizer, cfg, device, fingerprint)
 
     if compressing:
-        alloc, record = _compress(cfg, model, adapter, method, calib_ids, shapes, device)
+        alloc, record = _compress(cfg, model, fingerprint, adapter, method, calib_ids, shapes, device)
     else:
         alloc = Allocation([1.0] * len(shapes), {name: None for layer in shapes for name in layer}, {})
         record = {"damped_sites": {}, "statistics": {"cached": [], "computed": []}, "svd_cache": None,

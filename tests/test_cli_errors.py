@@ -38,6 +38,7 @@ def run_bad(tmp_path, *overrides):
     (["device=cuda"], "no CUDA device"),
     (["eval.ppl.datasets=[wiki,imdb]"], "eval.ppl.datasets[]='imdb' is not allowed; choose one of: c4, news"),
     (["eval.zeroshot.tasks=[arc_easy_embeded]"], "arc_easy_embedded"),
+    (["eval.zeroshot.dtype=int8"], "eval.zeroshot.dtype='int8' is not allowed; choose one of: bfloat16, float16"),
     (["method.propagate=sideways"], "choose one of: original, compressed"),
     (["calib.seq_len=4096"], "exceeds the model's context of 2048"),
     (["model.family=gpt2"], "model.family='gpt2' is not allowed; choose one of: llama, mistral, opt, qwen2"),

@@ -213,6 +213,31 @@ def test_tiny_random_llama_two_embedded_tasks_offline(smollm2_tokenizer, no_netw
     assert sum(batch_rows) >= 40 and len(batch_rows) <= math.ceil(sum(batch_rows) / 4) + 2
 
 
+def test_zeroshot_dtype_casts_for_the_evaluation_only(smollm2_tokenizer, no_network):
+    """eval.zeroshot.dtype=bfloat16: lm-eval sees bf16 parameters (RoPE buffers untouched), and afterwards the
+    model holds its original float32 tensors bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512)
+    model = LlamaForCausalLM(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append((module.model.embed_tokens.weight.dtype,
+                                          module.model.rotary_emb.inv_freq.dtype)))
+
+    result = evaluate_zeroshot(model, smollm2_tokenizer, ["piqa_embedded"], limit=4, batch_size=4,
+                               num_fewshot=None, max_length=512, device="cpu", dtype="bfloat16")
+
+    assert result["piqa_embedded"]["samples"] == 4
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+
+
 @pytest.mark.slow
 def test_real_smollm2_arc_easy_beats_chance(smollm2_model, smollm2_tokenizer, no_network):
     """150 ARC-Easy validation questions: the dense model is far above chance (0.25).

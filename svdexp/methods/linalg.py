@@ -2,33 +2,57 @@
 
 Everything here works in float64; callers cast the factors back to the model's dtype.
 
-The SVDs of matrices that do not depend on the rank (``W``, ``W S``, ``D W``, ...) go through
-:func:`thin_svd` with ``reuse=True``: inside :func:`svd_provider` (the runner installs the on-disk cache of
-:mod:`svdexp.cache` there) a sweep over ratios decomposes each of them once.
+The SVDs of matrices that do not depend on the rank (``W``, ``W S``, ``D W``, ...) are requested with a
+:class:`Recipe` (how the matrix is made from the weight being compressed): inside :func:`svd_provider` (the
+runner installs the on-disk cache of :mod:`svdexp.cache` there) a sweep over ratios decomposes each of them
+once. While the runner compresses a weight it names it with :func:`weight_in_use`; the provider can then key
+the matrix by that name and the recipe's small inputs instead of reading the whole matrix, and on a hit the
+matrix is never built.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-# (M, k) -> (U_k, all singular values, V_k^T) of a float64 M; None: compute with torch.linalg.svd
-SVDProvider = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+
+@dataclass(frozen=True)
+class Recipe:
+    """A rank-independent matrix as a function of the weight ``W`` being compressed: ``op`` names the
+    function (e.g. ``"W S"``) and ``inputs`` holds every other tensor it reads (scalings, whitening factor)."""
+    op: str
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# (build M, k, recipe, name of the weight in use or None) -> (U_k, all singular values, V_k^T) of M (float64)
+SVDProvider = Callable[[Callable[[], torch.Tensor], int, Recipe, "str | None"],
+                       "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 _PROVIDER: contextvars.ContextVar[SVDProvider | None] = contextvars.ContextVar("svd_provider", default=None)
+_WEIGHT: contextvars.ContextVar[str | None] = contextvars.ContextVar("weight_in_use", default=None)
 
 
 @contextlib.contextmanager
 def svd_provider(provider: SVDProvider | None) -> Iterator[None]:
-    """Within the block, :func:`thin_svd` calls with ``reuse=True`` are answered by ``provider``."""
+    """Within the block, :func:`thin_svd` calls with a recipe are answered by ``provider``."""
     token = _PROVIDER.set(provider)
     try:
         yield
     finally:
         _PROVIDER.reset(token)
+
+
+@contextlib.contextmanager
+def weight_in_use(name: str | None) -> Iterator[None]:
+    """Within the block, recipes refer to the (unmodified) model weight called ``name``."""
+    token = _WEIGHT.set(name)
+    try:
+        yield
+    finally:
+        _WEIGHT.reset(token)
 
 
 @dataclass
@@ -57,24 +81,27 @@ def damped_cholesky(H: torch.Tensor, eps: float = 1e-6, max_tries: int = 12) -> 
     raise torch.linalg.LinAlgError("H is not positive definite even after damping")
 
 
-def thin_svd(M: torch.Tensor, k: int, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U_k``, every singular value, ``V_k^T`` of ``M`` (float64).
+def thin_svd(M: torch.Tensor | Callable[[], torch.Tensor], k: int, recipe: Recipe | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U_k``, every singular value, ``V_k^T`` of ``M`` (float64); ``M`` may be a function that builds it.
 
-    ``reuse``: ``M`` is the same whatever the rank, so an active :func:`svd_provider` may answer from its
-    cache (pass ``False`` for matrices that depend on ``k``, such as a residual).
+    ``recipe``: ``M`` is made from the weight being compressed as the recipe says, whatever the rank, so an
+    active :func:`svd_provider` may answer from its cache, building ``M`` only when it has to decompose it
+    (``None`` for matrices that depend on ``k``, such as a residual).
     """
-    M = M.double()
-    provider = _PROVIDER.get() if reuse else None
+    build = M if callable(M) else (lambda: M)
+    provider = _PROVIDER.get() if recipe is not None else None
     if provider is not None:
-        return provider(M, k)
-    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+        return provider(lambda: build().double(), k, recipe, _WEIGHT.get())
+    U, sigma, Vh = torch.linalg.svd(build().double(), full_matrices=False)
     return U[:, :k], sigma, Vh[:k]
 
 
-def truncated_svd(M: torch.Tensor, k: int, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U_k, sigma_k, V_k^T`` of ``M`` (float64): the top-``k`` singular triplets (``reuse``: see
+def truncated_svd(M: torch.Tensor | Callable[[], torch.Tensor], k: int, recipe: Recipe | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U_k, sigma_k, V_k^T`` of ``M`` (float64): the top-``k`` singular triplets (``recipe``: see
     :func:`thin_svd`)."""
-    U, sigma, Vh = thin_svd(M, k, reuse)
+    U, sigma, Vh = thin_svd(M, k, recipe)
     return U, sigma[:k], Vh
 
 
@@ -89,9 +116,11 @@ def whitened_factors(W: torch.Tensor, S: torch.Tensor, k: int, reuse: bool = Tru
     """SVD-LLM's truncation-aware whitening: SVD of ``W S``, ``B = sigma^1/2 V^T S^-1`` by triangular solve.
 
     Returns ``A, B`` and all singular values of ``W S`` (the discarded ones are the truncation loss).
-    ``reuse`` (see :func:`thin_svd`): ``False`` when ``W`` itself depends on the rank.
+    ``reuse``: ``W`` is the weight being compressed, so the SVD may come from the provider (see
+    :func:`thin_svd`); ``False`` when ``W`` is anything else, e.g. a residual that depends on the rank.
     """
-    U, sigma, Vh = thin_svd(W.double() @ S, k, reuse)
+    recipe = Recipe("W S", {"S": S}) if reuse else None
+    U, sigma, Vh = thin_svd(lambda: W.double() @ S, k, recipe)
     A, Bw = split_sqrt(U, sigma[:k], Vh)
     # B = Bw S^-1  <=>  B S = Bw  <=>  S^T B^T = Bw^T  (S lower triangular, so S^T is upper)
     B = torch.linalg.solve_triangular(S.T, Bw.T, upper=True).T
@@ -121,13 +150,18 @@ def scaled_factors(W: torch.Tensor, k: int, left: torch.Tensor | None = None,
     """Truncated SVD of ``diag(left) W diag(right)``, then ``A <- diag(left)^-1 A``, ``B <- B diag(right)^-1``.
 
     The scaling vectors must be positive (see :func:`positive_floor`); ``None`` means no scaling on that side.
+    ``W`` is the weight being compressed (its SVD may come from the provider, see :func:`thin_svd`).
     """
-    M = W.double()
-    if left is not None:
-        M = left.double()[:, None] * M
-    if right is not None:
-        M = M * right.double()[None, :]
-    A, B = split_sqrt(*truncated_svd(M, k, reuse=True))
+    def build() -> torch.Tensor:
+        M = W.double()
+        if left is not None:
+            M = left.double()[:, None] * M
+        if right is not None:
+            M = M * right.double()[None, :]
+        return M
+
+    inputs = {side: v for side, v in (("left", left), ("right", right)) if v is not None}
+    A, B = split_sqrt(*truncated_svd(build, k, Recipe("diag(left) W diag(right)", inputs)))
     if left is not None:
         A = A / left.double()[:, None]
     if right is not None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from svdexp.methods import Factors, register
-from svdexp.methods.linalg import split_sqrt, truncated_svd
+from svdexp.methods.linalg import Recipe, split_sqrt, truncated_svd
 
 
 @register("svd")
 def svd(W: torch.Tensor, stats, k: int, options) -> Factors:
-    return split_sqrt(*truncated_svd(W, k, reuse=True))
+    return split_sqrt(*truncated_svd(W, k, Recipe("W")))
