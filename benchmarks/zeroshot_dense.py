@@ -10,6 +10,12 @@ Writes ``benchmarks/results/zeroshot_dense_<subset>.{json,md}`` (see :func:`subs
     .venv/bin/python benchmarks/zeroshot_dense.py                 # every document (hours on 2 CPU cores)
     .venv/bin/python benchmarks/zeroshot_dense.py --limit 200     # first 200 documents of each task
     .venv/bin/python benchmarks/zeroshot_dense.py --dtype bfloat16  # both paths in bf16 (~3x faster with AMX)
+    .venv/bin/python benchmarks/zeroshot_dense.py --path cli      # one path (run the other one beside it)
+
+Each path keeps lm-eval's answers in its own response cache (``$SVDEXP_CACHE/zeroshot_responses``, keyed by the
+weights, settings and path, so the two paths never share answers) and its result under
+``outputs/zeroshot/dense_<subset>/``: a killed run resumes, a finished path is not run again, and the report is
+written once both paths are there.
 
 Exit status 1 if a task's acc or acc_norm differs by more than 0.005 between the two paths.
 """
@@ -86,16 +92,18 @@ def check_plain_folder(target: Path, model: torch.nn.Module, tokenizer: Any) -> 
     return {"max_abs_weight_diff": max_diff, "tokenizer_ids_identical": same_ids}
 
 
-def run_in_memory(model, tokenizer, tasks, limit, batch_size, max_length, dtype) -> tuple[dict, float]:
+def run_in_memory(model, tokenizer, tasks, limit, batch_size, max_length, dtype, responses: Path
+                  ) -> tuple[dict, float]:
     from svdexp.evaluation.harness import evaluate_zeroshot
 
     start = time.time()
     result = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=None,
-                               max_length=max_length, device="cpu", dtype=dtype)
+                               max_length=max_length, device="cpu", dtype=dtype, response_cache=responses)
     return result, time.time() - start
 
 
-def run_cli(folder: Path, tasks, limit, batch_size, max_length, dtype) -> tuple[dict, float, list[str]]:
+def run_cli(folder: Path, tasks, limit, batch_size, max_length, dtype, responses: Path
+            ) -> tuple[dict, float, list[str]]:
     """Run lm-eval's command line and return its results summarised like evaluate_zeroshot."""
     from svdexp.evaluation.harness import TASKS_DIR, summarize_results
 
@@ -104,7 +112,7 @@ def run_cli(folder: Path, tasks, limit, batch_size, max_length, dtype) -> tuple[
         cmd = [str(lm_eval), "--model", "hf",
                "--model_args", f"pretrained={folder},dtype={dtype},max_length={max_length}",
                "--include_path", str(TASKS_DIR), "--tasks", ",".join(tasks),
-               "--batch_size", str(batch_size), "--device", "cpu", "--output_path", out]
+               "--batch_size", str(batch_size), "--device", "cpu", "--output_path", out, "--use_cache", str(responses)]
         if limit is not None:
             cmd += ["--limit", str(limit)]
         print("+", " ".join(cmd), flush=True)
@@ -156,7 +164,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| mean acc | | | {report['in_memory']['mean_acc']:.3f} | {report['cli']['mean_acc']:.3f} | | |")
     lines += ["", f"Agreement within {TOLERANCE * 100:.1f} points: {report['all_agree']}. "
               f"Time: in memory {report['seconds']['in_memory']:.0f} s, CLI {report['seconds']['cli']:.0f} s "
-              f"({report['torch_threads']} torch threads, shared CPU)."]
+              f"({report['torch_threads']} torch threads, shared CPU; a resumed path counts its last attempt)."]
     if lim is not None:
         lines.append(f"A limit of {lim} documents per task was used: the full validation splits are larger "
                      "(hellaswag alone has 10042 contexts, 40168 requests).")
@@ -189,10 +197,15 @@ def main() -> int:
                         help="evaluate in this dtype (the GGUF is dequantised to float32 either way)")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="plain HF folder for the CLI run (default: $SVDEXP_CACHE/models/smollm2_135m)")
+    parser.add_argument("--path", choices=["both", "in_memory", "cli"], default="both",
+                        help="run only one of the two paths (the report needs both)")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
 
+    from svdexp.cache import model_fingerprint
+    from svdexp.evaluation.harness import response_cache_path
     from svdexp.models.loading import cache_dir
+    from svdexp.tracking import read_results, write_json_atomic
 
     folder = args.model_dir or cache_dir() / "models" / "smollm2_135m"
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -200,15 +213,32 @@ def main() -> int:
     ensure_plain_folder(folder, model, tokenizer)
     folder_check = check_plain_folder(folder, model, tokenizer)
     print("plain folder:", folder, folder_check, flush=True)
+    fingerprint = model_fingerprint(model)
+    name = subset_name(args.limit, tasks, args.dtype)
+    parts = ROOT / "outputs" / "zeroshot" / f"dense_{name}"
+    parts.mkdir(parents=True, exist_ok=True)
 
-    in_memory, t_mem = run_in_memory(model, tokenizer, tasks, args.limit, args.batch_size, args.max_length,
-                                   args.dtype)
-    print("in memory:", json.dumps(in_memory), f"{t_mem:.0f} s", flush=True)
+    def responses(path: str) -> Path:
+        return response_cache_path({"model": fingerprint, "dtype": args.dtype, "device": "cpu", "path": path,
+                                    "batch_size": args.batch_size, "max_length": args.max_length})
+
+    if args.path in ("both", "in_memory") and read_results(parts / "in_memory.json") is None:
+        result, seconds = run_in_memory(model, tokenizer, tasks, args.limit, args.batch_size, args.max_length,
+                                        args.dtype, responses("in_memory"))
+        write_json_atomic(parts / "in_memory.json", {"result": result, "seconds": seconds})
+        print("in memory:", json.dumps(result), f"{seconds:.0f} s", flush=True)
     del model
-    cli, t_cli, cmd = run_cli(folder, tasks, args.limit, args.batch_size, args.max_length, args.dtype)
-    print("cli:", json.dumps(cli), f"{t_cli:.0f} s", flush=True)
+    if args.path in ("both", "cli") and read_results(parts / "cli.json") is None:
+        result, seconds, cmd = run_cli(folder, tasks, args.limit, args.batch_size, args.max_length, args.dtype,
+                                       responses("cli"))
+        write_json_atomic(parts / "cli.json", {"result": result, "seconds": seconds, "command": " ".join(cmd)})
+        print("cli:", json.dumps(result), f"{seconds:.0f} s", flush=True)
+    mem, cli = read_results(parts / "in_memory.json"), read_results(parts / "cli.json")
+    if mem is None or cli is None:
+        print(f"waiting for the other path: {parts}/{'cli' if mem else 'in_memory'}.json", flush=True)
+        return 0
 
-    agreement = compare(in_memory, cli, tasks)
+    agreement = compare(mem["result"], cli["result"], tasks)
     report = {
         "model": f"{GGUF_PACKAGE}/{GGUF_FILE} (dequantised fp32)",
         "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_length": args.max_length,
@@ -216,13 +246,13 @@ def main() -> int:
         "num_fewshot": 0, "device": "cpu", "torch_threads": torch.get_num_threads(),
         "host": platform.node(), "plain_folder": str(folder), "plain_folder_check": folder_check,
         "command": " ".join([".venv/bin/python", "benchmarks/zeroshot_dense.py", *sys.argv[1:]]),
-        "cli_command": " ".join(cmd),
-        "in_memory": in_memory, "cli": cli, "agreement": agreement,
+        "cli_command": cli.get("command"),
+        "in_memory": mem["result"], "cli": cli["result"], "agreement": agreement,
         "all_agree": all(v["agree"] for v in agreement.values()),
-        "seconds": {"in_memory": t_mem, "cli": t_cli},
+        "seconds": {"in_memory": mem["seconds"], "cli": cli["seconds"]},
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    stem = f"zeroshot_dense_{subset_name(args.limit, tasks, args.dtype)}"
+    stem = f"zeroshot_dense_{name}"
     (OUT_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (OUT_DIR / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))

@@ -83,6 +83,7 @@ class EvalConfig:
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     dense_baseline: bool = False                    # also evaluate the dense model (before compression)
     cache_dense: bool = True                        # reuse the dense perplexity of identical weights and tokens
+    cache_responses: bool = True                    # keep lm-eval's answers per weights: a killed zero-shot resumes
 
 
 @dataclass

@@ -41,7 +41,8 @@ METHOD_ORDER = {name: i for i, name in enumerate(METHOD_LABELS)}
 ALLOCATION_ORDER = {"uniform": 0, "adacr": 1, "last_layers": 2}
 # Config keys that never tell two experiments apart (where/how fast they ran, how they were logged).
 IGNORED_KEYS = ("sweep", "logger", "tags", "device", "hydra", "ratio", "calib.batch_size", "calib.cache",
-                "eval.ppl.batch_size", "eval.zeroshot.batch_size", "eval.cache_dense", "eval.dense_baseline")
+                "calib.cache_svd", "eval.ppl.batch_size", "eval.zeroshot.batch_size", "eval.cache_dense",
+                "eval.cache_responses", "eval.dense_baseline")
 # For the dense model, neither the method nor the allocation nor the calibration matters.
 IGNORED_DENSE = ("method", "allocation", "calib")
 MISSING_CELL = "–"

@@ -20,7 +20,7 @@ from svdexp.checkpoint import save_compressed
 from svdexp.config import check_context, validate
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
 from svdexp.errors import NumericalError
-from svdexp.evaluation.harness import evaluate_zeroshot
+from svdexp.evaluation.harness import evaluate_zeroshot, response_cache_path
 from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
@@ -69,12 +69,17 @@ def _dense_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.dev
     return results
 
 
-def _zeroshot(model, tokenizer, cfg, device: torch.device) -> dict:
+def _zeroshot(model, tokenizer, cfg, device: torch.device, fingerprint: str) -> dict:
+    """Zero-shot metrics of ``model`` (whose current weights ``fingerprint`` identifies)."""
     zs = cfg.eval.zeroshot
     max_length = min(cfg.model.seq_len, getattr(model.config, "max_position_embeddings", None) or cfg.model.seq_len)
+    responses = None
+    if cfg.eval.cache_responses:
+        responses = response_cache_path({"model": fingerprint, "dtype": zs.dtype or cfg.dtype, "device": device.type,
+                                         "batch_size": zs.batch_size, "max_length": max_length})
     try:
         return evaluate_zeroshot(model, tokenizer, list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot,
-                                 max_length, str(device), dtype=zs.dtype)
+                                 max_length, str(device), dtype=zs.dtype, response_cache=responses)
     finally:
         model.to("cpu")
 
@@ -86,7 +91,7 @@ def _dense_zeroshot(model, tokenizer, cfg, device: torch.device, fingerprint: st
     key = cache_key(description)
     cached = load_json_entry("dense_zeroshot", key) if cfg.eval.cache_dense else None
     if cached is None:
-        cached = _zeroshot(model, tokenizer, cfg, device)
+        cached = _zeroshot(model, tokenizer, cfg, device, fingerprint)
         store_json_entry("dense_zeroshot", key, cached, description)
     return cached
 
@@ -101,7 +106,7 @@ def _check_allocation(cfg, num_layers: int) -> None:
 
 
 # Settings that change how a run is done or logged, never its results: a finished run is not redone for them.
-NOT_RESULT_KEYS = {"logger": None, "calib": ("cache", "cache_svd"), "eval": ("cache_dense",)}
+NOT_RESULT_KEYS = {"logger": None, "calib": ("cache", "cache_svd"), "eval": ("cache_dense", "cache_responses")}
 
 
 def result_identity(config: dict) -> dict:
@@ -315,7 +320,8 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
     metrics["nonfinite_chunks"] = {name: r["nonfinite_chunks"] for name, r in ppl.items()}
     metrics["eval_tokens"] = {name: r["tokens"] for name, r in ppl.items()}
     if cfg.eval.zeroshot.tasks:
-        metrics["zeroshot"] = _zeroshot(model, tokenizer, cfg, device)
+        metrics["zeroshot"] = _zeroshot(model, tokenizer, cfg, device,
+                                        model_fingerprint(model) if compressing else fingerprint)
 
     kept_targeted = sum((m * n if alloc.ranks[name] is None else alloc.ranks[name] * (m + n))
                         for layer in shapes for name, (m, n) in layer.items())

@@ -238,6 +238,44 @@ def test_zeroshot_dtype_casts_for_the_evaluation_only(smollm2_tokenizer, no_netw
         assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
 
 
+def test_response_cache_answers_a_repeated_evaluation_without_the_model(tmp_path, smollm2_tokenizer, no_network):
+    """With a response cache, lm-eval's answers are on disk as soon as they are computed: evaluating the same
+    weights again (a resumed run) runs no forward pass and gives the same metrics."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512)
+    model = LlamaForCausalLM(config)
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    prefix = tmp_path / "responses" / "weights-a"
+    prefix.parent.mkdir()
+    kwargs = dict(limit=6, batch_size=4, num_fewshot=None, max_length=512, device="cpu", response_cache=prefix)
+
+    first = evaluate_zeroshot(model, smollm2_tokenizer, ["piqa_embedded"], **kwargs)
+    forward_passes = len(calls)
+    second = evaluate_zeroshot(model, smollm2_tokenizer, ["piqa_embedded"], **kwargs)
+
+    assert forward_passes > 0 and len(calls) == forward_passes
+    assert second == first
+    assert list(prefix.parent.iterdir())
+
+
+def test_compressed_models_get_their_own_response_cache(tmp_path):
+    """Through the app: two ratios = two sets of weights = two response files; the dense model a third."""
+    from test_sweep import run
+
+    cache = tmp_path / "cache"
+    for ratio in ("0.2", "0.4"):
+        proc = run([f"ratio={ratio}", "eval.zeroshot.tasks=[piqa_embedded]", "eval.zeroshot.limit=4",
+                    "eval.dense_baseline=true"], tmp_path / ratio, cache)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((tmp_path / ratio / "results.json").read_text())["metrics"]["zeroshot"]["piqa_embedded"]
+    assert len(list((cache / "zeroshot_responses").glob("*.db"))) == 3
+
+
 @pytest.mark.slow
 def test_real_smollm2_arc_easy_beats_chance(smollm2_model, smollm2_tokenizer, no_network):
     """150 ARC-Easy validation questions: the dense model is far above chance (0.25).

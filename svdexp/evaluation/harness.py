@@ -24,6 +24,13 @@ Config keys (Hydra group ``eval/zeroshot``, wired by the runner):
     ``inv_freq`` keep their dtype, as ``from_pretrained(dtype=...)`` leaves them) and restore
     the original tensors afterwards, bit for bit. It is what ``lm_eval --model_args
     dtype=bfloat16`` does to a float32 checkpoint; on CPUs with AMX, bfloat16 is ~3x faster.
+``eval.cache_responses``
+    lm-eval's answers are kept in a SQLite file per weights (``$SVDEXP_CACHE/zeroshot_responses/<key>``,
+    keyed by the weights' fingerprint, dtype, device type, batch size and context length; see
+    :func:`response_cache_path`), written as they are computed: a zero-shot evaluation that was killed
+    resumes where it stopped. lm-eval's own cache is keyed by request only, so it is never shared between
+    models. A resumed evaluation batches the remaining requests differently, which can move
+    log-likelihoods in the last bits.
 ``max_length``
     Context length handed to ``HFLM`` (longer contexts are cut from the left); the runner
     sets it from the model/eval config.
@@ -234,6 +241,21 @@ def parameters_cast_to(model: torch.nn.Module, dtype: str | None) -> Iterator[to
                 param.data = originals[name]
 
 
+def response_cache_path(description: dict[str, Any]) -> Path:
+    """Prefix of the SQLite file holding lm-eval's answers for one model: ``description`` must name the weights
+    (their fingerprint) and every setting that changes the numbers (dtype, device type, batch size, length);
+    lm-eval and torch versions are added here."""
+    import lm_eval
+
+    from svdexp.cache import cache_key
+    from svdexp.models.loading import cache_dir
+
+    key = cache_key({**description, "lm_eval": getattr(lm_eval, "__version__", "?"), "torch": torch.__version__})
+    folder = cache_dir() / "zeroshot_responses"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / key
+
+
 def evaluate_zeroshot(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -245,6 +267,7 @@ def evaluate_zeroshot(
     device: str,
     *,
     dtype: str | None = None,
+    response_cache: Path | None = None,
     bootstrap_iters: int = 1000,
 ) -> dict[str, Any]:
     """Evaluate ``model`` in memory on lm-eval tasks; return per-task metrics + mean_acc.
@@ -252,7 +275,8 @@ def evaluate_zeroshot(
     The model is moved to ``device`` (HFLM ignores its ``device`` argument for a model
     object), its parameters cast to ``dtype`` for the evaluation (None = as they are, see
     ``parameters_cast_to``), and wrapped in ``HFLM`` with ``batch_size`` and ``max_length`` applied;
-    lm-eval's request cache and response cache are off. ``tasks`` may contain set names
+    lm-eval's request cache is off, its response cache too unless ``response_cache`` names a file prefix
+    that belongs to these weights alone (:func:`response_cache_path`). ``tasks`` may contain set names
     (expanded with ``resolve_tasks``) and is validated before anything is loaded.
     ``bootstrap_iters`` only matters for bootstrapped metrics (LAMBADA perplexity);
     ``acc`` stderrs are closed-form. Seeds are lm-eval's defaults (as its CLI). Returns
@@ -293,7 +317,7 @@ def evaluate_zeroshot(
             num_fewshot=num_fewshot,
             batch_size=int(batch_size),
             device=device,
-            use_cache=None,
+            use_cache=None if response_cache is None else str(response_cache),
             cache_requests=False,
             limit=limit,
             bootstrap_iters=bootstrap_iters,
