@@ -182,14 +182,18 @@ def test_embedded_prompts_and_metrics_match_lm_eval_task(embedded, task_manager)
 # --- running models ---------------------------------------------------------------------
 
 
-def test_tiny_random_llama_two_embedded_tasks_offline(smollm2_tokenizer, no_network):
+def tiny_llama(tokenizer):
+    """A 2-layer random Llama with the SmolLM2 vocabulary (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512)
-    model = LlamaForCausalLM(config)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config)
+
+
+def test_tiny_random_llama_two_embedded_tasks_offline(smollm2_tokenizer, no_network):
+    model = tiny_llama(smollm2_tokenizer)
     batch_rows: list[int] = []
     model.register_forward_pre_hook(
         lambda module, args, kwargs: batch_rows.append((args[0] if args else kwargs["input_ids"]).shape[0]),
@@ -216,13 +220,7 @@ def test_tiny_random_llama_two_embedded_tasks_offline(smollm2_tokenizer, no_netw
 def test_zeroshot_dtype_casts_for_the_evaluation_only(smollm2_tokenizer, no_network):
     """eval.zeroshot.dtype=bfloat16: lm-eval sees bf16 parameters (RoPE buffers untouched), and afterwards the
     model holds its original float32 tensors bit for bit."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(smollm2_tokenizer)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     seen: list[tuple[torch.dtype, torch.dtype]] = []
     model.register_forward_pre_hook(
@@ -241,13 +239,7 @@ def test_zeroshot_dtype_casts_for_the_evaluation_only(smollm2_tokenizer, no_netw
 def test_response_cache_answers_a_repeated_evaluation_without_the_model(tmp_path, smollm2_tokenizer, no_network):
     """With a response cache, lm-eval's answers are on disk as soon as they are computed: evaluating the same
     weights again (a resumed run) runs no forward pass and gives the same metrics."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(smollm2_tokenizer)
     calls: list[int] = []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
     prefix = tmp_path / "responses" / "weights-a"

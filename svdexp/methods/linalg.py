@@ -36,23 +36,22 @@ _WEIGHT: contextvars.ContextVar[str | None] = contextvars.ContextVar("weight_in_
 
 
 @contextlib.contextmanager
-def svd_provider(provider: SVDProvider | None) -> Iterator[None]:
+def _setting(var: contextvars.ContextVar, value) -> Iterator[None]:
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def svd_provider(provider: SVDProvider | None) -> contextlib.AbstractContextManager[None]:
     """Within the block, :func:`thin_svd` calls with a recipe are answered by ``provider``."""
-    token = _PROVIDER.set(provider)
-    try:
-        yield
-    finally:
-        _PROVIDER.reset(token)
+    return _setting(_PROVIDER, provider)
 
 
-@contextlib.contextmanager
-def weight_in_use(name: str | None) -> Iterator[None]:
+def weight_in_use(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Within the block, recipes refer to the (unmodified) model weight called ``name``."""
-    token = _WEIGHT.set(name)
-    try:
-        yield
-    finally:
-        _WEIGHT.reset(token)
+    return _setting(_WEIGHT, name)
 
 
 @dataclass
