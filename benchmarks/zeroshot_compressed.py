@@ -73,8 +73,9 @@ def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: l
                                                                  records.items()}
     docs = "all" if limit is None else f"first {limit}"
     command = " ".join(a for a in sys.argv[1:] if a != "--collect")
-    lines = [f"SmolLM2-135M-Instruct (compressed in float32, zero-shot in {dtype}, CPU), embedded zero-shot tasks, {docs} documents per "
-             f"task, batch size {batch_size}, 0-shot; svd_llm with uniform allocation, calibration 32 x 512 wiki. "
+    lines = [f"SmolLM2-135M-Instruct (compressed in float32, zero-shot in {dtype}, CPU), embedded zero-shot "
+             f"tasks, {docs} documents per task, batch size {batch_size}, 0-shot; svd_llm with uniform "
+             "allocation, calibration 32 x 512 wiki. "
              "acc (acc_norm). Dense column: benchmarks/zeroshot_dense.py (in memory; the lm_eval CLI agrees).",
              f"Command: `.venv/bin/python benchmarks/zeroshot_compressed.py {command}`", "",
              "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
