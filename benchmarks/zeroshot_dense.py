@@ -9,7 +9,7 @@ Writes ``benchmarks/results/zeroshot_dense_<subset>.{json,md}`` (see :func:`subs
 
     .venv/bin/python benchmarks/zeroshot_dense.py                 # every document (hours on 2 CPU cores)
     .venv/bin/python benchmarks/zeroshot_dense.py --limit 200     # first 200 documents of each task
-    .venv/bin/python benchmarks/zeroshot_dense.py --dtype bfloat16  # both paths in bf16 (~3x faster with AMX)
+    .venv/bin/python benchmarks/zeroshot_dense.py --dtype bfloat16  # both paths in bf16 (faster with AMX)
     .venv/bin/python benchmarks/zeroshot_dense.py --path cli      # one path (run the other one beside it)
 
 Each path keeps lm-eval's answers in its own response cache (``$SVDEXP_CACHE/zeroshot_responses``, keyed by the
