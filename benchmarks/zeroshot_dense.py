@@ -219,8 +219,7 @@ def main() -> int:
     parts.mkdir(parents=True, exist_ok=True)
 
     def responses(path: str) -> Path:
-        return response_cache_path({"model": fingerprint, "dtype": args.dtype, "device": "cpu", "path": path,
-                                    "batch_size": args.batch_size, "max_length": args.max_length})
+        return response_cache_path(fingerprint, args.dtype, "cpu", args.batch_size, args.max_length, path=path)
 
     if args.path in ("both", "in_memory") and read_results(parts / "in_memory.json") is None:
         result, seconds = run_in_memory(model, tokenizer, tasks, args.limit, args.batch_size, args.max_length,

@@ -69,14 +69,15 @@ def _dense_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.dev
     return results
 
 
-def _zeroshot(model, tokenizer, cfg, device: torch.device, fingerprint: str) -> dict:
-    """Zero-shot metrics of ``model`` (whose current weights ``fingerprint`` identifies)."""
+def _zeroshot(model, tokenizer, cfg, device: torch.device, fingerprint: str | None) -> dict:
+    """Zero-shot metrics of ``model``; ``fingerprint`` identifies its current weights (None: they changed since
+    the run's fingerprint, and are hashed here if the response cache needs it)."""
     zs = cfg.eval.zeroshot
     max_length = min(cfg.model.seq_len, getattr(model.config, "max_position_embeddings", None) or cfg.model.seq_len)
     responses = None
     if cfg.eval.cache_responses:
-        responses = response_cache_path({"model": fingerprint, "dtype": zs.dtype or cfg.dtype, "device": device.type,
-                                         "batch_size": zs.batch_size, "max_length": max_length})
+        responses = response_cache_path(fingerprint or model_fingerprint(model), zs.dtype or cfg.dtype, device.type,
+                                        zs.batch_size, max_length)
     try:
         return evaluate_zeroshot(model, tokenizer, list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot,
                                  max_length, str(device), dtype=zs.dtype, response_cache=responses)
@@ -320,8 +321,7 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
     metrics["nonfinite_chunks"] = {name: r["nonfinite_chunks"] for name, r in ppl.items()}
     metrics["eval_tokens"] = {name: r["tokens"] for name, r in ppl.items()}
     if cfg.eval.zeroshot.tasks:
-        metrics["zeroshot"] = _zeroshot(model, tokenizer, cfg, device,
-                                        model_fingerprint(model) if compressing else fingerprint)
+        metrics["zeroshot"] = _zeroshot(model, tokenizer, cfg, device, None if compressing else fingerprint)
 
     kept_targeted = sum((m * n if alloc.ranks[name] is None else alloc.ranks[name] * (m + n))
                         for layer in shapes for name, (m, n) in layer.items())

@@ -241,16 +241,19 @@ def parameters_cast_to(model: torch.nn.Module, dtype: str | None) -> Iterator[to
                 param.data = originals[name]
 
 
-def response_cache_path(description: dict[str, Any]) -> Path:
-    """Prefix of the SQLite file holding lm-eval's answers for one model: ``description`` must name the weights
-    (their fingerprint) and every setting that changes the numbers (dtype, device type, batch size, length);
-    lm-eval and torch versions are added here."""
+def response_cache_path(fingerprint: str, dtype: str, device: str, batch_size: int, max_length: int,
+                        **extra: str) -> Path:
+    """Prefix of the SQLite file holding lm-eval's answers for one model: keyed by the weights' ``fingerprint``,
+    every setting that changes the numbers (dtype, device type, batch size, context length), the lm-eval and
+    torch versions, and ``extra`` (e.g. which of two evaluation paths, so that they never share answers)."""
     import lm_eval
 
     from svdexp.cache import cache_key
     from svdexp.models.loading import cache_dir
 
-    key = cache_key({**description, "lm_eval": getattr(lm_eval, "__version__", "?"), "torch": torch.__version__})
+    key = cache_key({"model": fingerprint, "dtype": dtype, "device": device, "batch_size": batch_size,
+                     "max_length": max_length, **extra,
+                     "lm_eval": getattr(lm_eval, "__version__", "?"), "torch": torch.__version__})
     folder = cache_dir() / "zeroshot_responses"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / key
