@@ -8,7 +8,8 @@ One run of the real app per ratio (in memory, ``evaluate_zeroshot``: the path ``
     .venv/bin/python benchmarks/zeroshot_compressed.py --limit 200 --collect  # only rebuild the table
     .venv/bin/python benchmarks/zeroshot_compressed.py --dtype bfloat16       # zero-shot in bf16 (eval.zeroshot.dtype)
 
-A finished ratio (its ``results.json`` done) is not run again.
+A finished ratio (its ``results.json`` done) is not run again, and ratios recorded in the results file by an
+earlier invocation with the same settings are kept (``--ratios 0.4`` adds a column, it does not drop 0.2).
 """
 
 from __future__ import annotations
@@ -62,15 +63,34 @@ def _cell(m: dict | None, key: str) -> str:
     return f"{m[key]:.3f}"
 
 
-def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> None:
+def summary(results: dict) -> dict:
+    """What the results file keeps of one run's ``results.json``."""
+    return {"zeroshot": results["metrics"]["zeroshot"], "ppl": results["metrics"]["ppl"],
+            "achieved_ratio_targeted": results["compression"]["achieved_ratio_targeted"]}
+
+
+def same_settings(record: dict, limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> bool:
+    """Whether a results file was made with these settings (else its numbers are not comparable)."""
+    return (record["limit"], record["batch_size"], record["tasks"], record.get("dtype", "float32")) \
+        == (limit, batch_size, tasks, dtype)
+
+
+def recorded(limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> dict[str, dict]:
+    """Runs already in the results file for these settings (none if the file holds another subset)."""
+    path = OUT_DIR / f"zeroshot_compressed_{subset_name(limit, tasks, dtype)}.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    return old["runs"] if same_settings(old, limit, batch_size, tasks, dtype) else {}
+
+
+def write(runs: dict[str, dict], limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> None:
     name = subset_name(limit, tasks, dtype)
     dense_path = OUT_DIR / f"zeroshot_dense_{name}.json"
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
-    if dense is not None and (dense["limit"], dense["batch_size"], dense["tasks"], dense.get("dtype", "float32")) \
-            != (limit, batch_size, tasks, dtype):
-        dense = None      # another subset, batch size or dtype: not comparable
-    columns = ({"dense": dense["in_memory"]} if dense else {}) | {k: v["metrics"]["zeroshot"] for k, v in
-                                                                 records.items()}
+    if dense is not None and not same_settings(dense, limit, batch_size, tasks, dtype):
+        dense = None
+    columns = ({"dense": dense["in_memory"]} if dense else {}) | {k: v["zeroshot"] for k, v in runs.items()}
     docs = "all" if limit is None else f"first {limit}"
     command = " ".join(a for a in sys.argv[1:] if a != "--collect")
     lines = [f"SmolLM2-135M-Instruct (compressed in float32, zero-shot in {dtype}, CPU), embedded zero-shot "
@@ -87,15 +107,13 @@ def write(records: dict[str, dict], limit: int | None, batch_size: int, tasks: l
         accs = [c[t]["acc"] for t in tasks if t in c]
         means.append(f"{sum(accs) / len(accs):.3f}" if accs else "-")
     lines.append("| mean acc | " + " | ".join(means) + " |")
-    ppl = {k: v["metrics"]["ppl"] for k, v in records.items()}
+    ppl = {k: v["ppl"] for k, v in runs.items()}
     lines += ["", "Perplexity of the same compressed models (wiki / news, 64 x 512): "
               + ", ".join(f"{k}: {p['wiki']:.2f} / {p['news']:.2f}" for k, p in ppl.items()) + "."]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / f"zeroshot_compressed_{name}.json").write_text(json.dumps(
         {"limit": limit, "batch_size": batch_size, "tasks": tasks, "dtype": dtype,
-         "runs": {k: {"zeroshot": v["metrics"]["zeroshot"], "ppl": v["metrics"]["ppl"],
-                      "achieved_ratio_targeted": v["compression"]["achieved_ratio_targeted"]}
-                  for k, v in records.items()}}, indent=2) + "\n")
+         "runs": runs}, indent=2) + "\n")
     (OUT_DIR / f"zeroshot_compressed_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -111,12 +129,13 @@ def main() -> int:
     parser.add_argument("--collect", action="store_true", help="only rebuild the table from finished runs")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
-    records = {}
+    runs = recorded(args.limit, args.batch_size, tasks, args.dtype)
     for ratio in args.ratios:
         if args.collect and finished(ratio, args.limit, tasks, args.dtype) is None:
             continue
-        records[f"svd_llm {int(ratio * 100)} %"] = run(ratio, args.limit, args.batch_size, tasks, args.dtype)
-    write(records, args.limit, args.batch_size, tasks, args.dtype)
+        runs[f"svd_llm {int(ratio * 100)} %"] = summary(run(ratio, args.limit, args.batch_size, tasks, args.dtype))
+    runs = dict(sorted(runs.items(), key=lambda kv: float(kv[0].split()[1])))
+    write(runs, args.limit, args.batch_size, tasks, args.dtype)
     return 0
 
 
