@@ -96,7 +96,9 @@ def write(runs: dict[str, dict], limit: int | None, batch_size: int, tasks: list
     lines = [f"SmolLM2-135M-Instruct (compressed in float32, zero-shot in {dtype}, CPU), embedded zero-shot "
              f"tasks, {docs} documents per task, batch size {batch_size}, 0-shot; svd_llm with uniform "
              "allocation, calibration 32 x 512 wiki. "
-             "acc (acc_norm). Dense column: benchmarks/zeroshot_dense.py (in memory; the lm_eval CLI agrees).",
+             "acc (acc_norm)." + (" Dense column: benchmarks/zeroshot_dense.py (in memory; the lm_eval CLI "
+                                  f"{'agrees' if dense['all_agree'] else 'differs by more than 0.5 points'})."
+                                  if dense else ""),
              f"Command: `.venv/bin/python benchmarks/zeroshot_compressed.py {command}`", "",
              "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for task in tasks:
