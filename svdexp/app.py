@@ -9,8 +9,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from svdexp.config import register_configs
-from svdexp.errors import ConfigError, NumericalError
+from svdexp.config import check_override_keys, register_configs
+from svdexp.errors import ConfigError, NumericalError, SaveError
 
 register_configs()
 
@@ -49,20 +49,43 @@ def _check_targets(hydra_cfg) -> None:
                               "classes (svdexp.*) may be instantiated from a config.")
 
 
+# Exit codes: 2 a bad configuration (nothing was run), 3 a numerical failure (results.json says "failed"),
+# 4 the checkpoint could not be saved (results.json holds the metrics and the error).
+EXIT_CODES = {ConfigError: 2, NumericalError: 3, SaveError: 4}
+_job_started = False   # Hydra exits 1 both for a config it cannot compose and for a crash inside a job
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def _job(cfg: DictConfig) -> None:
     from svdexp.runner import run
 
+    global _job_started
+    _job_started = True
     try:
         _check_targets(HydraConfig.get())
         results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except tuple(EXIT_CODES) as err:
+        kind = {ConfigError: "configuration error", NumericalError: "numerical failure",
+                SaveError: "checkpoint not saved"}[type(err)]
+        print(f"svdexp: {kind}: {err}", file=sys.stderr)
+        sys.exit(EXIT_CODES[type(err)])
+    print(summary(results), flush=True)
+
+
+def main() -> None:
+    """``svdexp [overrides]``: unknown keys are refused before Hydra composes; a config Hydra cannot compose
+    (a value of the wrong type, a missing group option) exits 2 like every other configuration error."""
+    try:
+        check_override_keys(sys.argv[1:])
     except ConfigError as err:
         print(f"svdexp: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
-    except NumericalError as err:
-        print(f"svdexp: numerical failure: {err}", file=sys.stderr)
-        sys.exit(3)
-    print(summary(results), flush=True)
+    try:
+        _job()
+    except SystemExit as done:
+        if done.code == 1 and not _job_started:
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class NumericalError(RuntimeError):
     """A non-finite value where it arose (weights, statistics, logits), with the layer name."""
+
+
+class SaveError(OSError):
+    """The compressed checkpoint could not be written after the run finished; its results were kept."""

