@@ -210,6 +210,8 @@ def test_trap5_schema_is_no_option_of_any_group(tmp_path, monkeypatch):
     groups = [line for line in help_text.splitlines() if line.split(":")[0] in
               ("model", "method", "allocation", "calib", "eval", "logger")]
     assert len(groups) == 6 and not any("schema" in line for line in groups), help_text
+    assert help_text.startswith("svdexp: compress") and "powered by Hydra" not in help_text   # the app's own text
+    assert "svd_llm" in help_text and "last_layers" in help_text and "pretrained" in help_text
     for group in ("method", "model", "eval"):
         code, stderr = call_svdexp(tmp_path, monkeypatch, f"{group}=schema")
         assert code == 2 and f"Could not find '{group}/schema'" in stderr, stderr
