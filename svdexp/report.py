@@ -1,17 +1,23 @@
 """`svdexp-report <sweep dir>`: a sweep's results as paper-style tables (Markdown, LaTeX, CSV) and a plot.
 
-Every ``results.json`` under the sweep directory (any depth, ``.hydra`` skipped) is one job. Jobs that are not
-valid JSON, not ``status: done``, or job folders without a ``results.json`` are counted as incomplete. Methods are
-rows (labelled from the method, its variant, the allocation policy and any non-default option), target ratios are
-column groups, each group holds the perplexity of every dataset and the mean zero-shot accuracy when present; the
-dense model is one row in a "0 %" group. When the sweep names a published table (``sweep.paper_table``), the
-paper's numbers appear beside ours (same model) or below ours, labelled as a different model.
+Every ``results.json`` under the sweep directory (any depth, ``.hydra`` skipped) is one job; files that are not
+valid JSON or not ``status: done``, and job folders without one, are listed as incomplete.
+
+1. :func:`scan` reads the jobs into one tidy frame, a row per job: model, method, options, policy, target ratio,
+   ``ppl_<dataset>``, ``mean_acc`` (zero-shot), achieved ratios, seconds. Metric cells are floats, or None where
+   nothing was measured (NaN is a measured value: a diverged perplexity).
+2. :func:`build_report` labels the rows (method, variant, policy, non-default options: ``SVD-LLM + adaCR
+   [alpha=0.25]``), keeps the newest job of each (model, row, ratio) and splits the frame into a section per model.
+   A sweep naming a paper (``sweep.paper_table``) gets the paper's numbers as a second frame of the same shape
+   (:func:`published_frame`): beside ours (same model: "ours / paper" cells) or below ours (another model).
+3. :meth:`Report.table` pivots a section into a wide frame, a row per method and a column per (ratio, dataset or
+   acc); pandas writes it as Markdown (``to_markdown``) and LaTeX (``Styler.to_latex``). The CSV and the W&B table
+   are the tidy frames themselves; the plot draws them.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import json
@@ -19,15 +25,16 @@ import logging
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from svdexp.errors import ConfigError
-from svdexp.published import DATASET_LABELS, PUBLISHED, PublishedRow, PublishedTable
+from svdexp.published import DATASET_LABELS, PUBLISHED, PublishedTable
 
 log = logging.getLogger(__name__)
 
@@ -46,100 +53,10 @@ IGNORED_KEYS = ("sweep", "logger", "tags", "device", "hydra", "ratio", "calib.ba
 # For the dense model, neither the method nor the allocation nor the calibration matters.
 IGNORED_DENSE = ("method", "allocation", "calib")
 MISSING_CELL = "–"
-
-
-# ----------------------------------------------------------------------------------------------- reading jobs
-
-def _num(value: Any) -> float | None:
-    """A JSON number, or the strings "inf"/"-inf"/"nan" that results.json uses for non-finite values."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-@dataclass(frozen=True)
-class Job:
-    """One completed run of the sweep."""
-
-    path: Path                       # its results.json
-    mtime: float
-    model: str
-    method: str
-    allocation: str
-    ratio: float                     # target ratio (fraction removed)
-    ppl: dict[str, float | None]
-    dense_ppl: dict[str, float | None]
-    mean_acc: float | None
-    seconds: float | None
-    achieved_targeted: float | None
-    achieved_model: float | None
-    weight_bytes: float | None
-    config: dict
-
-    @property
-    def dense(self) -> bool:
-        """The uncompressed model: method ``none`` or nothing removed."""
-        return self.method == "none" or self.ratio == 0.0
-
-
-def _job(path: Path, data: dict) -> Job:
-    """A :class:`Job` from a parsed results.json; raises KeyError/TypeError/ValueError on a broken record."""
-    config = data.get("config") or {}
-    comp = data.get("compression") or {}
-    metrics = data.get("metrics") or {}
-    model = (data.get("model") or {}).get("name") or config["model"]["name"]
-    method = comp.get("method") or config["method"]["name"]
-    allocation = comp.get("allocation") or (config.get("allocation") or {}).get("name") or "uniform"
-    ratio = _num(comp.get("target_ratio", config.get("ratio")))
-    if ratio is None:
-        raise ValueError("no target ratio")
-    zeroshot = metrics.get("zeroshot") or {}
-    return Job(path=path, mtime=path.stat().st_mtime, model=str(model), method=str(method),
-               allocation=str(allocation), ratio=round(ratio, 6),
-               ppl={str(k): _num(v) for k, v in (metrics.get("ppl") or {}).items()},
-               dense_ppl={str(k): _num(v) for k, v in (metrics.get("dense_ppl") or {}).items()},
-               mean_acc=_num(zeroshot.get("mean_acc")) if isinstance(zeroshot, dict) else None,
-               seconds=_num(comp.get("seconds")), achieved_targeted=_num(comp.get("achieved_ratio_targeted")),
-               achieved_model=_num(comp.get("achieved_ratio_model")), weight_bytes=_num(comp.get("weight_bytes")),
-               config=config)
-
-
-def scan(sweep_dir: Path) -> tuple[list[Job], list[tuple[Path, str]]]:
-    """All completed jobs under ``sweep_dir`` and the incomplete ones as ``(path, reason)``."""
-    jobs: list[Job] = []
-    incomplete: list[tuple[Path, str]] = []
-    seen_dirs: set[Path] = set()
-    for path in sorted(sweep_dir.rglob("results.json")):
-        if ".hydra" in path.relative_to(sweep_dir).parts or not path.is_file():
-            continue
-        seen_dirs.add(path.parent)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            incomplete.append((path, "not valid JSON"))
-            continue
-        if not isinstance(data, dict):
-            incomplete.append((path, "not a JSON object"))
-            continue
-        if data.get("status") != "done":
-            incomplete.append((path, f"status {data.get('status')!r}"))
-            continue
-        try:
-            jobs.append(_job(path, data))
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            incomplete.append((path, f"incomplete record ({err})"))
-    for hydra_dir in sorted(sweep_dir.rglob(".hydra")):
-        job_dir = hydra_dir.parent
-        if hydra_dir.is_dir() and job_dir not in seen_dirs and ".hydra" not in job_dir.relative_to(sweep_dir).parts:
-            incomplete.append((job_dir, "no results.json"))
-    return jobs, incomplete
+# Columns of the CSV and the W&B table; "ppl" stands for a ``ppl_<dataset>`` column per dataset.
+RECORD_COLUMNS = ("source", "sweep", "model", "row", "method", "allocation", "target_ratio", "achieved_ratio_targeted",
+                  "achieved_ratio_model", "ppl", "mean_acc", "seconds", "weight_bytes", "counterpart",
+                  "duplicates_ignored", "results")
 
 
 # ----------------------------------------------------------------------------------------------- row labels
@@ -182,23 +99,16 @@ def _differs(value: Any, default: Any) -> bool:
     return value != default
 
 
-def _extras(job: Job) -> list[str]:
+def _extras(config: dict, method: str, allocation: str) -> list[str]:
     """Non-default method and allocation options, as ``key=value`` (the update variant has its own words)."""
     out = []
-    for group, name, skip in (("method", job.method, {"name", "update"}), ("allocation", job.allocation, {"name"})):
-        options = job.config.get(group) or {}
+    for group, name, skip in (("method", method, {"name", "update"}), ("allocation", allocation, {"name"})):
         defaults = _option_defaults(group, name)
-        for key, value in options.items():
-            if key in skip or key not in defaults:
-                continue   # unknown keys only show up when they separate two rows (see _disambiguate)
-            if _differs(value, defaults[key]):
-                short = "K" if (group, key) == ("allocation", "num_layers") else key
-                out.append(f"{short}={_fmt_option(value)}")
+        for key, value in (config.get(group) or {}).items():
+            # unknown keys only show up when they separate two rows (see _disambiguate)
+            if key not in skip and key in defaults and _differs(value, defaults[key]):
+                out.append(f"{'K' if (group, key) == ('allocation', 'num_layers') else key}={_fmt_option(value)}")
     return out
-
-
-def _update(job: Job) -> str:
-    return str((job.config.get("method") or {}).get("update", "none"))
 
 
 def make_label(method: str, update: str = "none", allocation: str = "uniform", extras: list[str] | None = None
@@ -217,140 +127,190 @@ def make_label(method: str, update: str = "none", allocation: str = "uniform", e
     return label
 
 
-def _identity(job: Job) -> dict[str, str]:
-    """The config keys that make two jobs different experiments (ratio and run-time settings excluded)."""
-    ignored = IGNORED_KEYS + (IGNORED_DENSE if job.dense else ())
-    flat = _flatten(job.config)
-    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items()
-            if not any(k == p or k.startswith(p + ".") for p in ignored)}
+def _disambiguate(jobs: pd.DataFrame) -> pd.Series:
+    """The row labels; where one (model, label) holds different experiments, the keys that differ join the label."""
+    labels = jobs["row"].copy()
+    for _, group in jobs.groupby(["model", "row"], sort=False):
+        ignored = IGNORED_KEYS + (IGNORED_DENSE if group["dense"].iloc[0] else ())
+        idents = [{k: json.dumps(v, sort_keys=True) for k, v in _flatten(config).items()
+                   if not any(k == p or k.startswith(p + ".") for p in ignored)} for config in group["config"]]
+        varying = [k for k in sorted({k for i in idents for k in i}) if len({i.get(k) for i in idents}) > 1]
+        for index, ident in zip(group.index, idents if varying else []):
+            extra = ", ".join(f"{k}={_fmt_option(json.loads(ident[k])) if k in ident else 'unset'}" for k in varying)
+            label = labels[index]
+            labels[index] = f"{label[:-1]}, {extra}]" if label.endswith("]") else f"{label} [{extra}]"
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------- the frames
+
+def _num(value: Any) -> float | None:
+    """A JSON number, or the strings "inf"/"-inf"/"nan" that results.json uses for non-finite values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _job(path: Path, data: dict) -> dict[str, Any]:
+    """A job from its results.json (``ppl`` still a dict); KeyError/TypeError/... on a broken record."""
+    config = data.get("config") or {}
+    comp, metrics = data.get("compression") or {}, data.get("metrics") or {}
+    model = (data.get("model") or {}).get("name") or config["model"]["name"]
+    method = str(comp.get("method") or config["method"]["name"])
+    update = str((config.get("method") or {}).get("update", "none"))
+    allocation = str(comp.get("allocation") or (config.get("allocation") or {}).get("name") or "uniform")
+    ratio = _num(comp.get("target_ratio", config.get("ratio")))
+    if ratio is None:
+        raise ValueError("no target ratio")
+    zeroshot = metrics.get("zeroshot") or {}
+    dense = method == "none" or ratio == 0.0
+    options = _extras(config, method, allocation)
+    kind = ("none", "none", "uniform") if dense else (method, update, allocation)   # how the row sorts
+    return {"model": str(model), "method": method, "options": ", ".join(options), "allocation": allocation,
+            "target_ratio": 0.0 if dense else round(ratio, 6), "dense": dense,
+            "row": "Dense" if dense else make_label(method, update, allocation, options),
+            "order": (METHOD_ORDER.get(kind[0], len(METHOD_ORDER)), kind[1] != "none",
+                      ALLOCATION_ORDER.get(kind[2], len(ALLOCATION_ORDER))),
+            "ppl": {str(k): _num(v) for k, v in (metrics.get("ppl") or {}).items()},
+            "dense_ppl": {str(k): _num(v) for k, v in (metrics.get("dense_ppl") or {}).items()},
+            "mean_acc": _num(zeroshot.get("mean_acc")) if isinstance(zeroshot, dict) else None,
+            "achieved_ratio_targeted": _num(comp.get("achieved_ratio_targeted")),
+            "achieved_ratio_model": _num(comp.get("achieved_ratio_model")), "seconds": _num(comp.get("seconds")),
+            "weight_bytes": _num(comp.get("weight_bytes")), "path": path, "mtime": path.stat().st_mtime,
+            "config": config, "note": ""}
+
+
+def scan(sweep_dir: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """The tidy frame of every completed job under ``sweep_dir``, and the incomplete ones as ``(path, reason)``."""
+    jobs, incomplete, seen = [], [], set()
+    for path in sorted(sweep_dir.rglob("results.json")):
+        if ".hydra" in path.relative_to(sweep_dir).parts or not path.is_file():
+            continue
+        seen.add(path.parent)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            incomplete.append((path, "not valid JSON"))
+            continue
+        if not isinstance(data, dict):
+            incomplete.append((path, "not a JSON object"))
+        elif data.get("status") != "done":
+            incomplete.append((path, f"status {data.get('status')!r}"))
+        else:
+            try:
+                jobs.append(_job(path, data))
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                incomplete.append((path, f"incomplete record ({err})"))
+    for hydra_dir in sorted(sweep_dir.rglob(".hydra")):
+        job_dir = hydra_dir.parent
+        if hydra_dir.is_dir() and job_dir not in seen and ".hydra" not in job_dir.relative_to(sweep_dir).parts:
+            incomplete.append((job_dir, "no results.json"))
+    datasets = list(dict.fromkeys(d for job in jobs for d in job["ppl"]))
+    frame = pd.DataFrame([{**job, **{f"ppl_{d}": job["ppl"].get(d) for d in datasets}} for job in jobs], dtype=object)
+    return frame.drop(columns="ppl", errors="ignore"), incomplete
+
+
+def _dense_baselines(jobs: pd.DataFrame) -> pd.DataFrame:
+    """A Dense row for each model without a dense job, from the newest job that recorded the dense baseline."""
+    rows = []
+    for _, own in jobs.groupby("model"):
+        recorded = own[own["dense_ppl"].map(bool)]
+        if own["dense"].any() or recorded.empty:
+            continue
+        src = recorded.loc[recorded["mtime"].astype(float).idxmax()].to_dict()
+        rows.append({**src, **{c: src["dense_ppl"].get(c[4:]) for c in src if c.startswith("ppl_")},
+                     "method": "none", "row": "Dense", "order": (METHOD_ORDER["none"], False, 0), "dense": True,
+                     "target_ratio": 0.0, "mean_acc": None, "seconds": 0.0, "achieved_ratio_targeted": 0.0,
+                     "achieved_ratio_model": 0.0, "weight_bytes": None,
+                     "note": f"Dense row: the dense baseline recorded by `{src['path'].parent.name}` "
+                             "(eval.dense_baseline), no dense job in the sweep."})
+    return pd.DataFrame(rows, columns=jobs.columns, dtype=object)
+
+
+def published_frame(table: PublishedTable) -> pd.DataFrame:
+    """A published table as a tidy frame like ours: a row per (paper's row, ratio); ``counterpart``: our row."""
+    return pd.DataFrame([{"source": f"paper:{table.key}", "model": table.model, "row": prow.label,
+                          "counterpart": prow.match or "", "target_ratio": ratio,
+                          **{f"ppl_{d}": cell.ppl.get(d) for d in table.datasets}, "mean_acc": cell.mean_acc}
+                         for prow in table.rows for ratio, cell in sorted(prow.results.items())], dtype=object)
 
 
 # ----------------------------------------------------------------------------------------------- the report
 
 @dataclass
-class Cell:
-    """One row at one ratio: the newest job, and older duplicates that were ignored."""
-
-    job: Job
-    ignored: list[Job] = field(default_factory=list)
-
-
-@dataclass
-class Row:
-    """A method configuration (one table row) with a cell per ratio."""
-
-    label: str
-    method: str
-    update: str
-    allocation: str
-    plain: bool                      # no extra options: the configuration a paper would mean by this label
-    cells: dict[float, Cell] = field(default_factory=dict)
-    note: str = ""
-
-    def sort_key(self) -> tuple:
-        return (METHOD_ORDER.get(self.method, len(METHOD_ORDER)), self.update != "none",
-                ALLOCATION_ORDER.get(self.allocation, len(ALLOCATION_ORDER)), self.label)
-
-
-@dataclass
 class Section:
-    """All rows of one model, and the published table to compare with (mode ``side``, ``below`` or None)."""
+    """One model: its table cells (rows of the tidy frame, in table order) and the paper's table, if any."""
 
     model: str
-    rows: list[Row]
+    jobs: pd.DataFrame
     datasets: list[str]
     has_acc: bool
     published: PublishedTable | None = None
-    mode: str | None = None
+    mode: str | None = None          # "side" (the paper's model: "ours / paper" cells), "below" (another model)
     protocol: str = ""
 
     @property
-    def ratios(self) -> list[float]:
-        """Ratio groups of the table (ours, plus the paper's when side by side), ascending."""
-        ratios = {r for row in self.rows for r in row.cells}
-        if self.mode == "side" and self.published is not None:
+    def side(self) -> bool:
+        return self.mode == "side"
+
+    def columns(self) -> list[tuple[float, str]]:
+        """(ratio, metric) columns of the main table: ours, and side by side the paper's ratios and datasets too."""
+        ratios, datasets, acc = set(self.jobs["target_ratio"]), list(self.datasets), self.has_acc
+        if self.side:
             ratios |= set(self.published.ratios)
-        return sorted(ratios)
-
-    @property
-    def columns_datasets(self) -> list[str]:
-        """Ours, plus the paper's extra datasets when side by side."""
-        if self.mode == "side" and self.published is not None:
-            return self.datasets + [d for d in self.published.datasets if d not in self.datasets]
-        return list(self.datasets)
-
-    @property
-    def columns_acc(self) -> bool:
-        return self.has_acc or (self.mode == "side" and self.published is not None and self.published.has_acc)
-
-    def row(self, label: str) -> Row | None:
-        return next((r for r in self.rows if r.label == label), None)
+            datasets += [d for d in self.published.datasets if d not in datasets]
+            acc = acc or self.published.has_acc
+        return _columns(sorted(ratios), datasets, acc)
 
 
 @dataclass
 class Report:
-    """A sweep's results, ready to render."""
+    """A sweep's results, ready to render: the tidy frame of its table cells (one job each), by section."""
 
     sweep_dir: Path
     sweep_name: str
     paper_table: str | None
+    jobs: pd.DataFrame
     sections: list[Section]
     num_jobs: int
     incomplete: list[tuple[Path, str]]
     notes: list[str]
 
-    # -- rendering ------------------------------------------------------------------------------------------
-    def _rel(self, path: Path) -> str:
-        try:
-            return str(path.relative_to(self.sweep_dir))
-        except ValueError:
-            return str(path)
+    def table(self, section: Section) -> pd.DataFrame:
+        """A section's main table; side by side, cells read "ours / paper" and the paper's other rows follow."""
+        rows, columns = list(dict.fromkeys(section.jobs["row"])), section.columns()
+        if not section.side:
+            return _wide(section.jobs, rows, columns)
+        paper = published_frame(section.published)
+        matched = paper["counterpart"].isin(rows)
+        paper["row"] = paper["counterpart"].where(matched, paper["row"] + " (paper only)")
+        rows += list(dict.fromkeys(paper.loc[~matched, "row"]))
+        ours = _wide(section.jobs, rows, columns)
+        theirs = _wide(paper.drop_duplicates(["row", "target_ratio"], keep="last"), rows, columns, paper=True)
+        return (ours + " / " + theirs).mask((ours == MISSING_CELL) & (theirs == MISSING_CELL), MISSING_CELL)
 
-    def table(self, section: Section) -> tuple[list[tuple[float, str]], list[tuple[str, list[str]]]]:
-        """Columns ``(ratio, dataset or "acc")`` and rows ``(label, cells)`` of a section's main table."""
-        columns = [(r, d) for r in section.ratios for d in section.columns_datasets + (["acc"] *
-                                                                                        section.columns_acc)]
-        side = section.mode == "side" and section.published is not None
-        matched = {p.match: p for p in section.published.rows} if side else {}
-        out = []
-        for row in section.rows:
-            prow = matched.get(row.label) if row.plain else None
-            out.append((row.label, [_pair(_our_value(row, r, d), _paper_value(prow, r, d), d, side)
-                                    for r, d in columns]))
-        if side:
-            ours = {r.label for r in section.rows if r.plain}
-            for prow in section.published.rows:
-                if prow.match is None or prow.match not in ours:
-                    out.append((f"{prow.label} (paper only)",
-                                [_pair(None, _paper_value(prow, r, d), d, True) for r, d in columns]))
-        return columns, out
+    def published_table(self, section: Section) -> pd.DataFrame:
+        """The paper's table on its own, a first column naming our row of the same configuration."""
+        table, paper = section.published, published_frame(section.published)
+        wide = _wide(paper, list(dict.fromkeys(paper["row"])), _columns(table.ratios, table.datasets, table.has_acc),
+                     paper=True)
+        wide.insert(0, ("Ours", ""), [p.match if p.match in set(section.jobs["row"]) else MISSING_CELL
+                                      for p in table.rows])
+        return wide
 
-    def published_table(self, table: PublishedTable, section: Section
-                        ) -> tuple[list[tuple[float, str]], list[tuple[str, list[str]]]]:
-        """The published table on its own: columns as in :meth:`table`, a first cell naming our counterpart."""
-        columns = [(r, d) for r in table.ratios for d in list(table.datasets) + (["acc"] * table.has_acc)]
-        rows = []
-        for prow in table.rows:
-            ours = prow.match if prow.match and section.row(prow.match) else MISSING_CELL
-            rows.append((prow.label, [ours] + [_fmt(_paper_value(prow, r, d), d, paper=True) for r, d in columns]))
-        return columns, rows
-
-    def _published_heading(self, section: Section) -> str:
-        table = section.published
-        assert table is not None
-        if section.model != table.model:
-            why = f"a different model from this sweep's {section.model}"
-        else:
-            ours = " / ".join(DATASET_LABELS.get(d, d) for d in section.datasets)
-            why = f"the same model, but this sweep evaluated {ours}"
-        return f"Published ({table.heading()}) — {why}; compare orderings, not values"
-
-    def _published_notes(self, table: PublishedTable) -> list[str]:
-        notes = [f"Source: {table.title}."]
-        if table.caveat:
-            notes.append(f"Caveat: {table.caveat}.")
-        notes += [f"{p.label}: {p.note}." for p in table.rows if p.note]
-        return notes + list(table.notes)
+    def records(self) -> list[dict[str, Any]]:
+        """The CSV and W&B rows: our tidy frame, then each published table shown (None where there is no value)."""
+        datasets: list[str] = []
+        for s in self.sections:
+            datasets += [d for d in s.datasets + list(s.published.datasets if s.published else []) if d not in datasets]
+        columns = [c for name in RECORD_COLUMNS for c in ([f"ppl_{d}" for d in datasets] if name == "ppl" else [name])]
+        papers = {s.published.key: published_frame(s.published) for s in self.sections if s.published}
+        frames = [self.jobs.assign(source="ours"), *papers.values()]
+        return [{c: job.get(c) for c in columns} | {"sweep": self.sweep_name}
+                for frame in frames for job in frame.to_dict("records")]
 
     def markdown(self) -> str:
         """The whole report as Markdown."""
@@ -359,103 +319,78 @@ class Report:
                  "Column groups are **target ratios** (fraction of each targeted matrix's parameters removed, "
                  "SVD-LLM's convention); values are token perplexities (lower is better) per dataset and `acc` is "
                  "the mean zero-shot accuracy.", ""]
-        for section in self.sections:
-            lines += [f"## {section.model}", ""]
-            columns, rows = self.table(section)
-            if section.mode == "side":
-                table = section.published
-                lines += [f"Each cell is **ours / paper** ({table.title}, {table.heading()}); "
+        for s in self.sections:
+            lines += [f"## {s.model}", ""]
+            if s.side:
+                lines += [f"Each cell is **ours / paper** ({s.published.title}, {s.published.heading()}); "
                           "\"(paper only)\" rows have no counterpart among our runs.", ""]
-            lines += _md_table(["Method"] + [_col_name(r, d) for r, d in columns], rows)
-            notes = _section_notes(section)
-            if section.mode == "side":
-                pairs = [f"{p.match} ↔ {p.label}" for p in section.published.rows
-                         if p.match and p.match != p.label and section.row(p.match) and section.row(p.match).plain]
-                notes += ([f"Rows matched to the paper's (ours ↔ paper): {'; '.join(pairs)}."] if pairs else [])
-                notes += self._published_notes(section.published)
+            lines.append(_markdown(self.table(s), "Method"))
+            notes = _section_notes(s)
             lines += ([""] + [f"- {n}" for n in notes]) if notes else []
-            if section.mode == "below":
-                pcols, prows = self.published_table(section.published, section)
-                lines += ["", f"### {self._published_heading(section)}", ""]
-                lines += _md_table(["Method (paper)", "Ours"] + [_col_name(r, d) for r, d in pcols], prows)
-                lines += [""] + [f"- {n}" for n in self._published_notes(section.published)]
+            if s.mode == "below":
+                lines += ["", f"### {_published_heading(s)}", "", _markdown(self.published_table(s), "Method (paper)"),
+                          ""] + [f"- {n}" for n in _published_notes(s.published)]
             lines.append("")
         lines += ["## Notes", ""] + [f"- {n}" for n in self._notes()]
         return "\n".join(lines).rstrip() + "\n"
-
-    def _notes(self) -> list[str]:
-        notes = list(self.notes)
-        if self.incomplete:
-            listed = "; ".join(f"`{self._rel(p)}` ({why})" for p, why in self.incomplete)
-            notes.append(f"Incomplete jobs ({len(self.incomplete)}), not in the tables: {listed}.")
-        for section in self.sections:
-            for row in section.rows:
-                for ratio, cell in sorted(row.cells.items()):
-                    if cell.ignored:
-                        older = ", ".join(f"`{self._rel(j.path)}`" for j in cell.ignored)
-                        notes.append(f"{section.model} / {row.label} @ {_pct(ratio)}: {len(cell.ignored) + 1} "
-                                     f"jobs; used the newest (`{self._rel(cell.job.path)}`), ignored {older}.")
-                    bad = [d for d, v in cell.job.ppl.items() if v is not None and not math.isfinite(v)]
-                    if bad:
-                        notes.append(f"{section.model} / {row.label} @ {_pct(ratio)}: non-finite perplexity on "
-                                     f"{', '.join(bad)}.")
-        return notes or ["None."]
 
     def latex(self) -> str:
         """The tables as LaTeX (needs ``booktabs``)."""
         out = [f"% svdexp-report: sweep {self.sweep_name} ({self.num_jobs} jobs, {len(self.incomplete)} "
                "incomplete). Needs \\usepackage{booktabs}."]
-        for section in self.sections:
-            columns, rows = self.table(section)
-            caption = (f"{section.model}: token perplexity (lower is better) and mean zero-shot accuracy by target "
-                       "ratio (fraction of parameters removed).")
-            if section.mode == "side":
-                caption += f" Cells: ours / paper ({section.published.title})."
-            out += _tex_table(columns, rows, "Method", caption)
-            if section.mode == "below":
-                pcols, prows = self.published_table(section.published, section)
-                prows = [(label, cells[1:]) for label, cells in prows]
-                caption = f"{self._published_heading(section)}. {' '.join(self._published_notes(section.published))}"
-                out += _tex_table(pcols, prows, "Method (paper)", caption)
-        return "\n".join(out) + "\n"
+        for s in self.sections:
+            caption = (f"{s.model}: token perplexity (lower is better) and mean zero-shot accuracy by target ratio "
+                       "(fraction of parameters removed).") + (f" Cells: ours / paper ({s.published.title})."
+                                                               if s.side else "")
+            out.append(_latex(self.table(s), "Method", caption))
+            if s.mode == "below":
+                caption = f"{_published_heading(s)}. {' '.join(_published_notes(s.published))}"
+                out.append(_latex(self.published_table(s).drop(columns="Ours", level=0), "Method (paper)", caption))
+        return "\n".join(out)
 
-    def records(self) -> list[dict[str, Any]]:
-        """Tidy rows (ours, then the published rows shown), for the CSV and W&B."""
-        datasets: list[str] = []
-        for section in self.sections:
-            for d in section.columns_datasets + (list(section.published.datasets) if section.published else []):
-                if d not in datasets:
-                    datasets.append(d)
-        records = []
-        for section in self.sections:
-            paper_of = {p.match: p.label for p in section.published.rows} if section.published else {}
-            for row in section.rows:
-                for ratio, cell in sorted(row.cells.items()):
-                    job = cell.job
-                    records.append({
-                        "source": "ours", "sweep": self.sweep_name, "model": section.model, "row": row.label,
-                        "method": job.method, "allocation": job.allocation, "target_ratio": ratio,
-                        "achieved_ratio_targeted": job.achieved_targeted, "achieved_ratio_model": job.achieved_model,
-                        **{f"ppl_{d}": job.ppl.get(d) for d in datasets}, "mean_acc": job.mean_acc,
-                        "seconds": job.seconds, "weight_bytes": job.weight_bytes,
-                        "counterpart": paper_of.get(row.label, "") if row.plain else "",
-                        "duplicates_ignored": len(cell.ignored), "results": self._rel(job.path)})
-        shown: set[str] = set()
-        for section in self.sections:
-            table = section.published
-            if table is None or table.key in shown:
-                continue
-            shown.add(table.key)
-            for prow in table.rows:
-                for ratio, pcell in sorted(prow.results.items()):
-                    records.append({
-                        "source": f"paper:{table.key}", "sweep": self.sweep_name, "model": table.model,
-                        "row": prow.label, "method": "", "allocation": "", "target_ratio": ratio,
-                        "achieved_ratio_targeted": None, "achieved_ratio_model": None,
-                        **{f"ppl_{d}": pcell.ppl.get(d) for d in datasets}, "mean_acc": pcell.mean_acc,
-                        "seconds": None, "weight_bytes": None, "counterpart": prow.match or "",
-                        "duplicates_ignored": None, "results": ""})
-        return records
+    def _notes(self) -> list[str]:
+        notes = list(self.notes)
+        if self.incomplete:
+            listed = "; ".join(f"`{p.relative_to(self.sweep_dir)}` ({why})" for p, why in self.incomplete)
+            notes.append(f"Incomplete jobs ({len(self.incomplete)}), not in the tables: {listed}.")
+        for job in self.jobs.to_dict("records"):
+            where = f"{job['model']} / {job['row']} @ {_pct(job['target_ratio'])}"
+            if job["ignored"]:
+                notes.append(f"{where}: {len(job['ignored']) + 1} jobs; used the newest (`{job['results']}`), "
+                             f"ignored {', '.join(f'`{p}`' for p in job['ignored'])}.")
+            bad = [c[4:] for c, v in job.items() if c.startswith("ppl_") and v is not None and not math.isfinite(v)]
+            if bad:
+                notes.append(f"{where}: non-finite perplexity on {', '.join(bad)}.")
+        return notes or ["None."]
+
+
+def _section_notes(s: Section) -> list[str]:
+    """Achieved ratios per group (never leave the reader guessing which ratio a number is), protocol, matches."""
+    achieved = [f"{_pct(ratio)} → {_span(group['achieved_ratio_targeted'])} / {_span(group['achieved_ratio_model'])}"
+                for ratio, group in s.jobs[~s.jobs["dense"].astype(bool)].groupby("target_ratio")
+                if group["achieved_ratio_targeted"].notna().any() and group["achieved_ratio_model"].notna().any()]
+    notes = [f"Achieved ratio (targeted matrices / whole model): {'; '.join(achieved)}."] if achieved else []
+    notes += [n for n in [s.protocol, *s.jobs["note"]] if n]
+    if s.side:
+        ours = set(s.jobs["row"])
+        pairs = [f"{p.match} ↔ {p.label}" for p in s.published.rows if p.match != p.label and p.match in ours]
+        notes += [f"Rows matched to the paper's (ours ↔ paper): {'; '.join(pairs)}."] if pairs else []
+        notes += _published_notes(s.published)
+    return notes
+
+
+def _published_heading(s: Section) -> str:
+    table = s.published
+    if s.model != table.model:
+        why = f"a different model from this sweep's {s.model}"
+    else:
+        why = f"the same model, but this sweep evaluated {' / '.join(DATASET_LABELS.get(d, d) for d in s.datasets)}"
+    return f"Published ({table.heading()}) — {why}; compare orderings, not values"
+
+
+def _published_notes(table: PublishedTable) -> list[str]:
+    return ([f"Source: {table.title}."] + ([f"Caveat: {table.caveat}."] if table.caveat else []) +
+            [f"{p.label}: {p.note}." for p in table.rows if p.note] + list(table.notes))
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -464,50 +399,44 @@ def _pct(ratio: float) -> str:
     return f"{ratio * 100:g} %"
 
 
-def _col_name(ratio: float, dataset: str) -> str:
-    return f"{_pct(ratio)} {DATASET_LABELS.get(dataset, dataset)}"
+def _span(values: pd.Series) -> str:
+    lo, hi = f"{values.dropna().min():.3f}", f"{values.dropna().max():.3f}"
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
-def _fmt(value: float | None, kind: str, paper: bool = False) -> str:
+def _fmt(value: float | None, metric: str, paper: bool = False) -> str:
     """Perplexities with 2 decimals (none from 1000 on), accuracies with 3 (the papers': 2)."""
     if value is None:
         return MISSING_CELL
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if kind == "acc":
+    if not math.isfinite(value):
+        return str(float(value))
+    if metric == "mean_acc":
         return f"{value:.2f}" if paper else f"{value:.3f}"
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.2f}"
 
 
-def _our_value(row: Row, ratio: float, dataset: str) -> float | None:
-    cell = row.cells.get(ratio)
-    if cell is None:
-        return None
-    return cell.job.mean_acc if dataset == "acc" else cell.job.ppl.get(dataset)
+def _columns(ratios: list[float], datasets: list[str] | tuple[str, ...], acc: bool) -> list[tuple[float, str]]:
+    return [(r, m) for r in ratios for m in [f"ppl_{d}" for d in datasets] + (["mean_acc"] if acc else [])]
 
 
-def _paper_value(prow: PublishedRow | None, ratio: float, dataset: str) -> float | None:
-    if prow is None or ratio not in prow.results:
-        return None
-    pcell = prow.results[ratio]
-    return pcell.mean_acc if dataset == "acc" else pcell.ppl.get(dataset)
+def _wide(frame: pd.DataFrame, rows: list[str], columns: list[tuple[float, str]], paper: bool = False
+          ) -> pd.DataFrame:
+    """Tidy rows as a table: rows x (ratio, dataset or acc), cells formatted, headed as printed ("20 %", "C4")."""
+    metrics = [m for m in dict.fromkeys(m for _, m in columns) if m in frame]
+    cells = pd.DataFrame({m: [_fmt(v, m, paper) for v in frame[m]] for m in metrics},
+                         index=pd.MultiIndex.from_frame(frame[["row", "target_ratio"]]))
+    wide = cells.unstack("target_ratio", fill_value=MISSING_CELL).swaplevel(axis=1)
+    wide = wide.reindex(index=rows, columns=pd.MultiIndex.from_tuples(columns, names=[None, None]),
+                        fill_value=MISSING_CELL)
+    return wide.set_axis(pd.MultiIndex.from_tuples(
+        [(_pct(r), "acc" if m == "mean_acc" else DATASET_LABELS.get(m[4:], m[4:])) for r, m in columns],
+        names=[None, None]), axis=1)
 
 
-def _pair(ours: float | None, paper: float | None, kind: str, side: bool) -> str:
-    if not side:
-        return _fmt(ours, kind)
-    if ours is None and paper is None:
-        return MISSING_CELL
-    return f"{_fmt(ours, kind)} / {_fmt(paper, kind, paper=True)}"
-
-
-def _md_table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in [label, *cells]) + " |" for label, cells in rows]
-    return lines
+def _markdown(table: pd.DataFrame, first: str) -> str:
+    """A table as a Markdown pipe table, its two header rows joined ("20 % C4")."""
+    flat = table.set_axis([" ".join(filter(None, c)) for c in table.columns], axis=1).rename_axis(first)
+    return flat.reset_index().map(lambda s: s.replace("|", "\\|")).to_markdown(index=False, disable_numparse=True)
 
 
 def _tex_escape(text: str) -> str:
@@ -517,72 +446,20 @@ def _tex_escape(text: str) -> str:
     return "".join(table.get(ch, ch) for ch in str(text))
 
 
-def _tex_table(columns: list[tuple[float, str]], rows: list[tuple[str, list[str]]], first: str, caption: str
-               ) -> list[str]:
-    groups: list[tuple[float, list[str]]] = []
-    for ratio, d in columns:
-        if not groups or groups[-1][0] != ratio:
-            groups.append((ratio, []))
-        groups[-1][1].append(d)
-    lines = ["\\begin{table}[t]", "\\centering", "\\small",
-             "\\begin{tabular}{l" + "".join("|" + "r" * len(ds) for _, ds in groups) + "}", "\\toprule"]
-    head = [_tex_escape(first)] + [f"\\multicolumn{{{len(ds)}}}{{c}}{{{_tex_escape(_pct(r))}}}" for r, ds in groups]
-    lines.append(" & ".join(head) + " \\\\")
-    start, rules = 2, []
-    for _, ds in groups:
-        rules.append(f"\\cmidrule(lr){{{start}-{start + len(ds) - 1}}}")
-        start += len(ds)
-    lines.append(" ".join(rules))
-    lines.append(" & ".join([""] + [_tex_escape(DATASET_LABELS.get(d, d)) for _, ds in groups for d in ds]) + " \\\\")
-    lines.append("\\midrule")
-    lines += [" & ".join(_tex_escape(c) for c in [label, *cells]) + " \\\\" for label, cells in rows]
-    lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{_tex_escape(caption)}}}", "\\end{table}", ""]
-    return lines
-
-
-def _section_notes(section: Section) -> list[str]:
-    """Achieved ratios per group (never leave the reader guessing which ratio a number is) and the protocol."""
-    notes = []
-    parts = []
-    for ratio in sorted({r for row in section.rows for r in row.cells}):
-        jobs = [row.cells[ratio].job for row in section.rows if ratio in row.cells and not row.cells[ratio].job.dense]
-        targeted = [j.achieved_targeted for j in jobs if j.achieved_targeted is not None]
-        model = [j.achieved_model for j in jobs if j.achieved_model is not None]
-        if targeted and model:
-            parts.append(f"{_pct(ratio)} → {_span(targeted)} / {_span(model)}")
-    if parts:
-        notes.append("Achieved ratio (targeted matrices / whole model): " + "; ".join(parts) + ".")
-    if section.protocol:
-        notes.append(section.protocol)
-    notes += [row.note for row in section.rows if row.note]
-    return notes
-
-
-def _span(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}–{hi:.3f}"
+def _latex(table: pd.DataFrame, first: str, caption: str) -> str:
+    """A table as a booktabs ``table``: a column group per ratio, ruled under its heading."""
+    sizes = list(table.columns.get_level_values(0).value_counts(sort=False))
+    styler = table.rename_axis(index=None, columns=[first, None]).style.format(_tex_escape)
+    styler = styler.format_index(_tex_escape, axis=0).format_index(_tex_escape, axis=1)
+    latex = styler.set_table_styles([{"selector": "small", "props": ":;"}]).to_latex(
+        environment="table", position="t", position_float="centering", hrules=True, multicol_align="c",
+        column_format="l" + "".join("|" + "r" * n for n in sizes), caption=_tex_escape(caption))
+    starts = [2 + sum(sizes[:i]) for i in range(len(sizes))]
+    rules = " ".join(f"\\cmidrule(lr){{{a}-{a + n - 1}}}" for a, n in zip(starts, sizes))
+    return latex.replace("\\\\\n", f"\\\\\n{rules}\n", 1)   # under the first header row (the ratios)
 
 
 # ----------------------------------------------------------------------------------------------- building
-
-def _disambiguate(groups: dict[tuple[str, str], list[Job]]) -> dict[tuple[str, str], list[Job]]:
-    """Split a (model, label) group whose jobs are different experiments; the differing keys join the label."""
-    out: dict[tuple[str, str], list[Job]] = {}
-    for (model, label), jobs in groups.items():
-        idents = [_identity(j) for j in jobs]
-        distinct = {tuple(sorted(i.items())) for i in idents}
-        if len(distinct) == 1:
-            out[(model, label)] = jobs
-            continue
-        keys = sorted({k for i in idents for k in i})
-        varying = [k for k in keys if len({i.get(k) for i in idents}) > 1]
-        for job, ident in zip(jobs, idents):
-            extra = ", ".join(f"{k}={_fmt_option(json.loads(ident[k])) if k in ident else 'unset'}"
-                              for k in varying)
-            new = f"{label[:-1]}, {extra}]" if label.endswith("]") else f"{label} [{extra}]"
-            out.setdefault((model, new), []).append(job)
-    return out
-
 
 def _choose_published(paper_table: str | None, model: str, datasets: list[str], notes: list[str]
                       ) -> tuple[PublishedTable | None, str | None]:
@@ -594,18 +471,16 @@ def _choose_published(paper_table: str | None, model: str, datasets: list[str], 
         if msg not in notes:
             notes.append(msg)
         return None, None
-    same = model == table.model and any(d in table.datasets for d in datasets)
-    return table, "side" if same else "below"
+    return table, "side" if model == table.model and any(d in table.datasets for d in datasets) else "below"
 
 
-def _protocol(jobs: list[Job]) -> str:
+def _protocol(jobs: pd.DataFrame) -> str:
     """Our perplexity protocol, as read from the newest job's config."""
-    ppl = ((max(jobs, key=lambda j: j.mtime).config.get("eval") or {}).get("ppl") or {})
-    if not ppl:
-        return ""
+    ppl = (jobs.loc[jobs["mtime"].astype(float).idxmax(), "config"].get("eval") or {}).get("ppl") or {}
     chunks = ppl.get("max_chunks")
     return (f"Our perplexity: chunks of {ppl.get('seq_len')} tokens, "
-            f"{'all chunks' if chunks is None else f'first {chunks} chunks'} (the papers: all chunks of 2048).")
+            f"{'all chunks' if chunks is None else f'first {chunks} chunks'} (the papers: all chunks of 2048)."
+            if ppl else "")
 
 
 def build_report(sweep_dir: str | Path) -> Report:
@@ -614,133 +489,62 @@ def build_report(sweep_dir: str | Path) -> Report:
     if not sweep_dir.is_dir():
         raise ConfigError(f"sweep directory {str(sweep_dir)!r} does not exist (or is not a directory).")
     jobs, incomplete = scan(sweep_dir)
-    if not jobs:
+    if jobs.empty:
         detail = f"; {len(incomplete)} incomplete job(s)" if incomplete else ""
         raise ConfigError(f"no completed job (results.json with status 'done') under {str(sweep_dir)!r}{detail}.")
     notes: list[str] = []
-    sweeps = [j.config.get("sweep") or {} for j in jobs]
-    names = Counter(s.get("name") for s in sweeps if isinstance(s, dict) and s.get("name"))
+    sweeps = [c["sweep"] for c in jobs["config"] if isinstance(c.get("sweep"), dict)]
+    names = Counter(s.get("name") for s in sweeps if s.get("name"))
     sweep_name = names.most_common(1)[0][0] if names else sweep_dir.resolve().name
-    tables = Counter(s.get("paper_table") for s in sweeps if isinstance(s, dict) and s.get("paper_table"))
+    tables = Counter(s.get("paper_table") for s in sweeps if s.get("paper_table"))
     paper_table = tables.most_common(1)[0][0] if tables else None
     if len(names) > 1 or len(tables) > 1:
         notes.append(f"Jobs disagree on the sweep: names {dict(names)}, paper tables {dict(tables)}; "
                      f"using {sweep_name!r} / {paper_table!r}.")
 
-    groups: dict[tuple[str, str], list[Job]] = {}
-    for job in jobs:
-        label = "Dense" if job.dense else make_label(job.method, _update(job), job.allocation, _extras(job))
-        groups.setdefault((job.model, label), []).append(job)
-    groups = _disambiguate(groups)
+    # A table cell per (model, row, ratio): its newest job; older duplicates are named in the notes.
+    jobs["row"] = _disambiguate(jobs)
+    cells = pd.concat([jobs, _dense_baselines(jobs)], ignore_index=True)
+    cells["results"] = [str(p.relative_to(sweep_dir)) for p in cells["path"]]
+    cells = cells.sort_values(["mtime", "results"], ascending=False)
+    key = ["model", "row", "target_ratio"]
+    older = cells[cells.duplicated(key)].groupby(key)["results"].agg(list)
+    cells = cells.drop_duplicates(key)
+    cells["ignored"] = [older.get(k, []) for k in zip(*(cells[c] for c in key))]
+    cells["duplicates_ignored"] = cells["ignored"].map(len)
+    cells = cells.sort_values(["model", "order", "row", "target_ratio"], ignore_index=True)
 
-    sections: list[Section] = []
-    for model in sorted({j.model for j in jobs}):
-        rows = []
-        for (m, label), members in groups.items():
-            if m != model:
-                continue
-            first = members[0]
-            row = Row(label, "none" if first.dense else first.method, "none" if first.dense else _update(first),
-                      "uniform" if first.dense else first.allocation, plain="[" not in label)
-            by_ratio: dict[float, list[Job]] = {}
-            for job in members:
-                by_ratio.setdefault(0.0 if job.dense else job.ratio, []).append(job)
-            for ratio, same in by_ratio.items():
-                same.sort(key=lambda j: (j.mtime, str(j.path)), reverse=True)
-                row.cells[ratio] = Cell(same[0], same[1:])
-            rows.append(row)
-        model_jobs = [j for j in jobs if j.model == model]
-        if not any(r.method == "none" for r in rows):
-            with_dense = [j for j in model_jobs if j.dense_ppl]
-            if with_dense:
-                src = max(with_dense, key=lambda j: j.mtime)
-                dense_job = dataclasses.replace(src, method="none", ratio=0.0, ppl=dict(src.dense_ppl),
-                                                mean_acc=None, seconds=0.0, achieved_targeted=0.0,
-                                                achieved_model=0.0, weight_bytes=None)
-                rows.append(Row("Dense", "none", "none", "uniform", True, {0.0: Cell(dense_job)},
-                                note=f"Dense row: the dense baseline recorded by `{src.path.parent.name}` "
-                                     "(eval.dense_baseline), no dense job in the sweep."))
-        rows.sort(key=Row.sort_key)
-        datasets: list[str] = []
-        for job in sorted(model_jobs, key=lambda j: str(j.path)):
-            datasets += [d for d in job.ppl if d not in datasets]
+    sections = []
+    for model, own in jobs.groupby("model"):
+        datasets = [c[4:] for c in own if c.startswith("ppl_") and own[c].map(lambda v: v is not None).any()]
         published, mode = _choose_published(paper_table, model, datasets, notes)
-        sections.append(Section(model, rows, datasets, any(j.mean_acc is not None for j in model_jobs),
-                                published, mode, _protocol(model_jobs) if mode == "side" else ""))
-    return Report(sweep_dir, sweep_name, paper_table, sections, len(jobs), incomplete, notes)
+        section = cells[cells["model"] == model].copy()
+        links = {p.match: p.label for p in published.rows} if published else {}   # our row -> the paper's
+        section["counterpart"] = [links.get(row, "") for row in section["row"]]
+        sections.append(Section(model, section, datasets, own["mean_acc"].map(lambda v: v is not None).any(),
+                                published, mode, _protocol(own) if mode == "side" else ""))
+    return Report(sweep_dir, sweep_name, paper_table, pd.concat([s.jobs for s in sections]), sections, len(jobs),
+                  incomplete, notes)
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 def plot_report(report: Report, path: str | Path) -> None:
-    """Perplexity vs target ratio, one line per row, log-y; one panel per (model, dataset)."""
-    import matplotlib
+    """Perplexity vs target ratio, a panel per (model, dataset): a line per row, the paper's dashed beside it."""
+    from svdexp.plots import plot_ppl_vs_ratio
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(s, d) for s in report.sections for d in s.datasets] or [(report.sections[0], "")]
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (section, dataset) in zip(axes.flat, panels):
-        skipped, drawn = [], False
-        for i, row in enumerate(r for r in section.rows if r.method != "none"):
-            color = colors[i % len(colors)]
-            points = []
-            for ratio, cell in sorted(row.cells.items()):
-                value = cell.job.ppl.get(dataset)
-                if value is not None and math.isfinite(value) and value > 0:
-                    points.append((ratio * 100, value))
-                elif value is not None:
-                    skipped.append(f"{row.label} @ {_pct(ratio)}")
-            if points:
-                ax.plot(*zip(*points), marker="o", color=color, label=row.label)
-                drawn = True
-            prow = next((p for p in section.published.rows if p.match == row.label), None) \
-                if section.mode == "side" and row.plain else None
-            paper = [(r * 100, p.ppl[dataset]) for r, p in sorted(prow.results.items())
-                     if r > 0 and dataset in p.ppl] if prow else []
-            if paper:
-                ax.plot(*zip(*paper), marker="x", linestyle="--", color=color, alpha=0.7,
-                        label=f"{row.label} (paper)")
-                drawn = True
-        dense = next((r for r in section.rows if r.method == "none"), None)
-        value = dense.cells[0.0].job.ppl.get(dataset) if dense and 0.0 in dense.cells else None
-        if value is not None and math.isfinite(value) and value > 0:
-            ax.axhline(value, color="gray", linestyle=":", label="Dense")
-            drawn = True
-        if drawn:
-            ax.set_yscale("log")
-        if skipped:
-            ax.text(0.01, 0.01, "not shown (non-finite): " + "; ".join(skipped), transform=ax.transAxes,
-                    fontsize=6, va="bottom", color="tab:red", wrap=True)
-        ax.set_title(f"{section.model} — {DATASET_LABELS.get(dataset, dataset)}", fontsize=9)
-        ax.set_xlabel("target ratio (% of parameters removed)")
-        ax.set_ylabel("perplexity (log)")
-        ax.grid(True, which="both", alpha=0.3)
-        ticks = [r * 100 for r in section.ratios if r > 0]
-        if ticks:
-            ax.set_xticks(ticks)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    legend: dict[str, Any] = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    if legend:
-        fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.suptitle(f"sweep {report.sweep_name}: perplexity vs target ratio", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return "" if value is None else value
+    panels = []
+    for s, dataset in [(s, d) for s in report.sections for d in s.datasets] or [(report.sections[0], "")]:
+        ours = s.jobs.assign(kind=s.jobs["dense"].map({True: "dense", False: "ours"}), line=s.jobs["row"])
+        paper = published_frame(s.published) if s.side else pd.DataFrame(columns=["counterpart", "target_ratio"])
+        paper = paper[paper["counterpart"].isin(ours["row"]) & (paper["target_ratio"] > 0)]
+        data = pd.concat([pd.DataFrame({"line": f["line"], "kind": f["kind"], "ratio": f["target_ratio"] * 100,
+                                        "ppl": f.get(f"ppl_{dataset}", None)})
+                          for f in (ours, paper.assign(kind="paper", line=paper["counterpart"])) if len(f)],
+                         ignore_index=True)
+        panels.append((f"{s.model} — {DATASET_LABELS.get(dataset, dataset)}", data,
+                       sorted({r * 100 for r, _ in s.columns() if r > 0})))
+    plot_ppl_vs_ratio(panels, f"sweep {report.sweep_name}: perplexity vs target ratio", path)
 
 
 def save_report(report: Report, out_dir: str | Path | None = None) -> list[Path]:
@@ -750,11 +554,9 @@ def save_report(report: Report, out_dir: str | Path | None = None) -> list[Path]
     md, tex, csv_path, png = (out / name for name in OUTPUT_NAMES)
     md.write_text(report.markdown(), encoding="utf-8")
     tex.write_text(report.latex(), encoding="utf-8")
-    records = report.records()
-    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows({k: _csv_value(v) for k, v in r.items()} for r in records)
+    # None is an empty cell, a measured NaN reads "nan" (pandas would write both as "")
+    cell = lambda v: "" if v is None else str(v) if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    pd.DataFrame(report.records(), dtype=object).map(cell).to_csv(csv_path, index=False)
     plot_report(report, png)
     return [md, tex, csv_path, png]
 

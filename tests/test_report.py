@@ -6,6 +6,8 @@ import csv
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +233,7 @@ def test_cli(smol_sweep: Path, tmp_path: Path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main([str(smol_sweep), "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
-    assert "| SVD-LLM | " in printed and str(tmp_path / "o" / "report.md") in printed
+    assert re.search(r"^\| SVD-LLM +\| ", printed, re.M) and str(tmp_path / "o" / "report.md") in printed
     assert 'svdexp-report = "svdexp.report:main"' in (ROOT / "pyproject.toml").read_text()
 
 
@@ -309,3 +311,102 @@ def test_hydra_multirun_runs_the_callback(tmp_path: Path):
     rows = md_table(reports[0].read_text(), "## m")
     assert rows["SVD"]["40 % wiki"] == "65.00" and rows["SVD-LLM"]["20 % wiki"] == "40.00"
     assert (reports[0].parent / "ppl_vs_ratio.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- golden files
+# tests/fixtures/report/sweeps/<name>: sweep directories as the runner leaves them (every section kind: our
+# datasets with the paper's table below, the paper's model side by side, three-dataset side by side with a dense
+# row from eval.dense_baseline, no paper table; duplicates, non-finite values, incomplete jobs, option labels).
+# golden/<name>/report.{md,tex,csv}: what svdexp-report wrote for them before the pandas rewrite. The tests compare
+# cells (and every non-table line), not whitespace. SVDEXP_UPDATE_GOLDEN=1 rewrites the golden files.
+FIXTURES = ROOT / "tests" / "fixtures" / "report"
+GOLDEN = ("mixed", "ada", "plain")
+
+
+def fixture_sweep(name: str, tmp_path: Path) -> Path:
+    """A copy of a fixture sweep, every results.json with the mtime of mtimes.json (default 1_700_000_000)."""
+    root = tmp_path / name
+    shutil.copytree(FIXTURES / "sweeps" / name, root)
+    mtimes = json.loads((FIXTURES / "mtimes.json").read_text())
+    for path in root.rglob("results.json"):
+        mtime = mtimes.get(f"{name}/{path.relative_to(root).as_posix()}", 1_700_000_000.0)
+        os.utime(path, (mtime, mtime))
+    return root
+
+
+def md_blocks(md: str) -> list:
+    """Markdown as blocks: each table as rows of cell strings (separator row dropped), other lines stripped."""
+    blocks: list = []
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            blocks.append(line.strip())
+        elif not re.fullmatch(r"\|[\s:|-]+\|", line.strip()):
+            row = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not blocks or not isinstance(blocks[-1], list):
+                blocks.append([])
+            blocks[-1].append(row)
+    return blocks
+
+
+def tex_tables(tex: str) -> list[dict]:
+    """Every tabular: its column spec, caption and rows as cell strings (rule lines kept as they are)."""
+    tables = []
+    for env in re.findall(r"\\begin\{table\}.*?\\end\{table\}", tex, re.S):
+        body = re.search(r"\\begin\{tabular\}\{([^}]*)\}\n(.*?)\\end\{tabular\}", env, re.S)
+        rows = [[c.strip() for c in re.split(r"(?<!\\)&", line.strip()[:-2])] if line.strip().endswith("\\\\")
+                else line.strip() for line in body.group(2).splitlines() if line.strip()]
+        caption = re.search(r"\\caption\{(.*)\}\s*$", env, re.M)
+        tables.append({"columns": body.group(1), "caption": caption and caption.group(1), "rows": rows})
+    return tables
+
+
+def assert_well_formed_latex(tex: str) -> None:
+    """Balanced \\begin/\\end; every row of every tabular spans exactly its columns."""
+    stack = []
+    for kind, env in re.findall(r"\\(begin|end)\{(\w+)\}", tex):
+        if kind == "begin":
+            stack.append(env)
+        else:
+            assert stack and stack.pop() == env, f"\\end{{{env}}} closes nothing"
+    assert not stack, f"unclosed: {stack}"
+    for table in tex_tables(tex):
+        ncols = len(re.findall(r"[lrc]", table["columns"]))
+        rows = [r for r in table["rows"] if isinstance(r, list)]
+        assert len(rows) >= 3                                        # two header rows and data
+        for row in rows[:2]:                                         # headers: \multicolumn spans add up
+            spans = [int(m.group(1)) if (m := re.match(r"\\multicolumn\{(\d+)\}", c)) else 1 for c in row]
+            assert sum(spans) == ncols, row
+        for row in rows[2:]:
+            assert len(row) == ncols, row                            # i.e. exactly ncols - 1 "&"
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_outputs(name: str, tmp_path: Path):
+    sweep = fixture_sweep(name, tmp_path)
+    out = tmp_path / "out"
+    md_path, tex_path, csv_path, png = write_report(sweep, out)
+    md = md_path.read_text(encoding="utf-8").replace(str(sweep), "<SWEEP_DIR>")
+    tex, csv_text = tex_path.read_text(encoding="utf-8"), csv_path.read_text(encoding="utf-8")
+    golden = FIXTURES / "golden" / name
+    if os.environ.get("SVDEXP_UPDATE_GOLDEN"):
+        for file, text in (("report.md", md), ("report.tex", tex), ("report.csv", csv_text)):
+            (golden / file).write_text(text, encoding="utf-8")
+    assert md_blocks(md) == md_blocks((golden / "report.md").read_text(encoding="utf-8"))
+    assert tex.splitlines()[0] == (golden / "report.tex").read_text(encoding="utf-8").splitlines()[0]
+    assert tex_tables(tex) == tex_tables((golden / "report.tex").read_text(encoding="utf-8"))
+    assert_well_formed_latex(tex)
+    with open(golden / "report.csv", newline="", encoding="utf-8") as fh:
+        expected = list(csv.reader(fh))
+    assert list(csv.reader(csv_text.splitlines())) == expected
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_golden_fixtures_cover_every_section_kind(tmp_path: Path):
+    """The fixtures exercise what the golden files are meant to pin down."""
+    reports = {name: build_report(fixture_sweep(name, tmp_path)) for name in GOLDEN}
+    modes = {s.mode for r in reports.values() for s in r.sections}
+    assert modes == {"side", "below", None}
+    md = "".join(r.markdown() for r in reports.values())
+    for needle in ("(paper only)", "non-finite perplexity", "used the newest", "Dense row: the dense baseline",
+                   "Jobs disagree on the sweep", "has no published data", "[seed=0]", "[K=10]", " / ", " acc "):
+        assert needle in md, needle
