@@ -106,6 +106,11 @@ class LoggerConfig:
 
 
 @dataclass
+class CacheConfig:
+    max_gb: Optional[float] = None      # size budget of $SVDEXP_CACHE; null = $SVDEXP_CACHE_MAX_GB, else 20
+
+
+@dataclass
 class SweepConfig:
     name: Optional[str] = None          # set by svdexp-sweep: the sweep file's name (W&B group, report)
     paper_table: Optional[str] = None   # published table the report puts beside this sweep's numbers
@@ -120,6 +125,7 @@ class Config:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     ratio: float = 0.2
     seed: int = 0
     device: str = "cpu"
@@ -408,6 +414,9 @@ def validate(cfg, output_dir: str | Path | None = None) -> None:
     _name("sweep.name", cfg.sweep.name, optional=True)
     if cfg.sweep.paper_table is not None:
         _choice("sweep.paper_table", cfg.sweep.paper_table, sorted(PUBLISHED))
+    if cfg.cache.max_gb is not None and not (isinstance(cfg.cache.max_gb, (int, float)) and cfg.cache.max_gb > 0):
+        raise ConfigError(f"cache.max_gb={cfg.cache.max_gb!r} is not allowed; choose a number of gigabytes > 0 "
+                          "(or null: $SVDEXP_CACHE_MAX_GB, else 20).")
     _validate_save(cfg.save, output_dir)
 
 

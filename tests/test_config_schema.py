@@ -75,6 +75,7 @@ INVALID = {
     "threads": (["threads=0"], "must be a positive integer"),
     "tags": (["tags=['']"], "non-empty strings"),
     "save": (["save=5"], "must be false, true"),
+    "cache.max_gb": (["cache.max_gb=0"], "choose a number of gigabytes > 0"),
 }
 
 
