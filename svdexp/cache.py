@@ -1,7 +1,9 @@
 """Content-addressed on-disk cache under ``$SVDEXP_CACHE``: keys are hashes of everything a value depends on.
 
 Entries are written atomically (temporary file + rename) and carry their own key, which is checked on read,
-so a truncated or foreign file is treated as a miss, never as a value.
+so a truncated or foreign file is treated as a miss, never as a value. Writes stay within the cache's size budget
+(least recently used entries evicted first) and are skipped, with one warning, when the disk is full
+(:mod:`svdexp.cache_budget`; ``svdexp-cache`` lists and clears entries).
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import hashlib
 import json
 import zlib
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from svdexp.cache_budget import (install_budget, is_shared, note_model, read_entry, spill, spilled,  # noqa: F401
+                                 use_entry, write_bytes, write_entry)
+from svdexp.methods.linalg import EIG_VECTORS, decompose
 from svdexp.models.loading import cache_dir
-from svdexp.tracking import read_results, write_json_atomic
+from svdexp.tracking import _jsonable, read_results, write_json_atomic  # noqa: F401
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -45,16 +51,31 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
+# Kinds a run reads back after writing them (the statistics store: each layer's statistics are written during
+# calibration and read while compressing). An entry of these kinds that cannot be written (budget, no room) is
+# kept aside for the run (:func:`~svdexp.cache_budget.spill`), so the run goes on as with ``calib.cache=false``;
+# an entry of another kind is simply computed again when needed.
+READ_BACK_KINDS = frozenset({"stats"})
+
+
 def load_json_entry(kind: str, key: str) -> dict | None:
     """The cached value of ``kind/key``, or ``None`` when missing or not a valid entry for that key."""
-    entry = read_results(cache_dir() / kind / f"{key}.json")
-    if not entry or entry.get("key") != key or "value" not in entry:
+    root = cache_dir()
+    path = root / kind / f"{key}.json"
+    entry = read_results(path)
+    if not isinstance(entry, dict) or entry.get("key") != key or "value" not in entry:
         return None
+    read_entry(root, kind, key, path)
     return entry["value"]
 
 
-def store_json_entry(kind: str, key: str, value: Any, description: dict) -> None:
-    write_json_atomic(cache_dir() / kind / f"{key}.json", {"key": key, "description": description, "value": value})
+def store_json_entry(kind: str, key: str, value: Any, description: dict) -> bool:
+    """Write ``value`` with its key and description (atomic, within the cache budget, see
+    :mod:`svdexp.cache_budget`); False when it was skipped for lack of room."""
+    root = cache_dir()
+    data = json.dumps(_jsonable({"key": key, "description": description, "value": value}), indent=2,
+                      allow_nan=False).encode()
+    return write_entry(root, kind, key, root / kind / f"{key}.json", len(data), lambda tmp: write_bytes(tmp, data))
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -67,23 +88,22 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return f"crc32:{crc:08x}"
 
 
-def has_tensor_entry(kind: str, key: str) -> bool:
-    """Whether an entry file exists (not verified: :func:`load_tensor_entry` verifies)."""
-    return (cache_dir() / kind / f"{key}.safetensors").is_file()
+def has_tensor_entry(kind: str, key: str, root: Path | None = None) -> bool:
+    """Whether an entry file exists, or this run kept it aside (not verified: :func:`load_tensor_entry`
+    verifies)."""
+    path = (root or cache_dir()) / kind / f"{key}.safetensors"
+    return path.is_file() or spilled(path) is not None
 
 
-def load_tensor_entry(kind: str, key: str) -> dict[str, torch.Tensor] | None:
-    """Cached tensors of ``kind/key``; ``None`` when missing, unreadable, for another key, or corrupted."""
+def _read_tensor_file(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of one entry file, metadata and tensors from one opening (a writer renaming a new file over
+    it meanwhile cannot mix two versions); ``None`` when missing, unreadable, for another key, or corrupted."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    path = cache_dir() / kind / f"{key}.safetensors"
-    if not path.is_file():
-        return None
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except Exception:  # noqa: BLE001 - any unreadable file is a miss, to be rebuilt
         return None
     if meta.get("key") != key or meta.get("checksum") != _checksum(tensors):
@@ -91,19 +111,56 @@ def load_tensor_entry(kind: str, key: str) -> dict[str, torch.Tensor] | None:
     return tensors
 
 
-def store_tensor_entry(kind: str, key: str, tensors: dict[str, torch.Tensor], description: dict) -> None:
-    """Write tensors (safetensors, never pickle) with their key and checksum; atomic via rename."""
-    import os
+def load_tensor_entry(kind: str, key: str, root: Path | None = None) -> dict[str, torch.Tensor] | None:
+    """Cached tensors of ``kind/key`` (under ``root``, default :func:`cache_dir`); ``None`` when missing,
+    unreadable, for another key, or corrupted. A hit is this run's use of the entry (its last use is now, and
+    the budget never evicts it under this run)."""
+    root = root or cache_dir()
+    path = root / kind / f"{key}.safetensors"
+    tensors = _read_tensor_file(path, key) if path.is_file() else None
+    if tensors is not None:
+        read_entry(root, kind, key, path)
+        return tensors
+    kept = spilled(path)
+    if isinstance(kept, Path):
+        return _read_tensor_file(kept, key)
+    return dict(kept) if kept is not None else None
 
+
+def store_tensor_entry(kind: str, key: str, tensors: dict[str, torch.Tensor], description: dict,
+                       root: Path | None = None) -> bool:
+    """Write tensors (safetensors, never pickle) with their key and checksum; atomic via rename, within the
+    cache budget (:mod:`svdexp.cache_budget`). False when skipped for lack of room; the run's own statistics
+    (:data:`READ_BACK_KINDS`) are then kept aside for it."""
     from safetensors.torch import save_file
 
-    path = cache_dir() / kind / f"{key}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    root = root or cache_dir()
+    path = root / kind / f"{key}.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"key": key, "checksum": _checksum(tensors), "description": json.dumps(description, sort_keys=True)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    nbytes = 8 + len(json.dumps(meta)) + sum(t.numel() * t.element_size() + 64 + len(name)
+                                             for name, t in tensors.items())
+
+    def save(dest: Path) -> None:
+        save_file(tensors, str(dest), metadata=meta)
+
+    if write_entry(root, kind, key, path, nbytes, save):
+        return True
+    if kind in READ_BACK_KINDS:
+        spill(path, save, {k: v.clone() for k, v in tensors.items()}, on_disk=is_shared(root))
+    return False
+
+
+RESPONSES = "zeroshot_responses"
+
+
+def note_responses(key: str, description: dict) -> None:
+    """lm-eval's answers for one model (``zeroshot_responses/<key>_rank0.db``, written by lm-eval itself): their
+    description beside them (``<key>.json``, so that ``svdexp-cache`` knows their model) and their use by this
+    run (never evicted under it)."""
+    if load_json_entry(RESPONSES, key) is None:
+        store_json_entry(RESPONSES, key, {}, description)
+    use_entry(RESPONSES, key)
 
 
 class SVDCache:
@@ -118,6 +175,12 @@ class SVDCache:
     An entry keeps all singular values and the first ``max(k, floor(m n / (m + n)))`` singular vectors: no
     rank that saves parameters is larger, so one entry serves every ratio >= 0. Results are bit-identical with
     and without the cache (the returned factors are slices of the very tensors that are stored).
+
+    Two kinds of entry (:func:`~svdexp.methods.linalg.decompose`, by the recipe's ``kind``): a thin SVD
+    ``{U, sigma, Vh}`` (float64) of the matrix, for solver ``svd``; and, for solver ``auto``, the eigenvalues
+    ``lam`` of ``M M^T`` and the top left singular vectors ``U`` (float32), from the Gram matrix of ``M``'s
+    smaller side. Keys of the second kind carry the kind and the vectors' dtype; those of the first are as
+    they always were.
     """
 
     def __init__(self, model: str | None = None, device: str = "cpu") -> None:
@@ -138,7 +201,7 @@ class SVDCache:
         return held[1]
 
     def __call__(self, build: Callable[[], torch.Tensor], k: int, recipe, weight: str | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> dict[str, torch.Tensor]:
         M = None
         if self.model is not None and weight is not None:
             description = {"model": self.model, "weight": weight, "op": recipe.op,
@@ -149,21 +212,19 @@ class SVDCache:
             M = build()
             description = {"matrix": tensor_fingerprint(M), "torch": torch.__version__, "device": M.device.type}
             device = M.device
+        if recipe.kind != "svd":
+            description.update(kind=recipe.kind, shape=recipe.shape, vectors_dtype=str(EIG_VECTORS))
         key = cache_key(description)
         entry = load_tensor_entry("svd", key)
         if entry is not None and entry["U"].shape[1] >= k:
             self.reused += 1
-            U, sigma, Vh = (entry[name].to(device) for name in ("U", "sigma", "Vh"))
-        else:
-            self.computed += 1
-            M = build() if M is None else M
-            U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
-            m, n = M.shape
-            keep = min(max(k, m * n // (m + n)), sigma.numel())
-            U, Vh = U[:, :keep].contiguous(), Vh[:keep].contiguous()
-            store_tensor_entry("svd", key, {"U": U, "sigma": sigma, "Vh": Vh},
-                               {**description, "shape": [m, n], "vectors": keep})
-        return U[:, :k], sigma, Vh[:k]
+            return {name: tensor.to(device) for name, tensor in entry.items()}
+        self.computed += 1
+        M = build() if M is None else M
+        entry = decompose(recipe, M, k)
+        store_tensor_entry("svd", key, entry, {**description, "shape": list(recipe.shape or M.shape),
+                                               "vectors": entry["U"].shape[1]})
+        return entry
 
     def record(self) -> dict[str, int]:
         """``{"reused": ..., "computed": ...}`` decompositions, for ``results.json``."""

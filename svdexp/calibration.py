@@ -5,9 +5,18 @@ the calibration samples with hooks on its input sites, and its outputs become th
 Peak memory is one decoder layer plus the activations, whatever the model's depth.
 
 Statistics per input site: ``H`` (Gram matrix ``X X^T``), ``abs_mean`` (mean ``|x|`` per channel),
-``H_stack`` (Gram matrix of sample-averaged groups, AdaSVD's stack-of-batch). Per decoder layer: ``cosine``
-(mean cosine similarity of the layer's input and output hidden states). Per matrix: ``fisher`` (summed squared
-gradients of the LM loss, reduced over rows or columns), from a separate backward pass.
+``H_stack`` (Gram matrix of sample-averaged groups, AdaSVD's stack-of-batch), ``H_tall`` (``H`` at only the sites
+with a tall or square matrix, ``m >= n``). Per targeted matrix, at its output: ``C_out`` (Gram matrix
+``Y Y^T = W H W^T`` of its outputs ``y = W x``, bias excluded), collected for the matrices with fewer outputs than
+inputs (``m < n``), where it is the smaller Gram. Per decoder layer: ``cosine`` (mean cosine similarity of the
+layer's input and output hidden states). Per matrix: ``fisher`` (summed squared gradients of the LM loss, reduced
+over rows or columns), from a separate backward pass.
+
+Where a statistic is collected follows from its name and the matrices' shapes, so a method's ``needs`` stay a set
+of names: svd_llm's auto solver asks for ``{C_out, H_tall}``, i.e. ``C_out`` of every wide matrix and ``H`` only
+at sites that still need it (none at ``down_proj``'s: the ``n x n`` Gram of its wide input is never formed).
+A matrix's output statistics live in :attr:`LayerStats.sites` under the matrix's path (e.g. ``mlp.down_proj``),
+beside the input sites, so every structure keyed by statistic name and site carries them unchanged.
 """
 
 from __future__ import annotations
@@ -21,19 +30,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdexp.errors import NumericalError
-from svdexp.methods.linalg import damped_cholesky
+from svdexp.methods.linalg import damped_cholesky, psd_root
 from svdexp.models.adapters import Adapter
 
-SITE_STATS = frozenset({"H", "abs_mean", "H_stack"})
+SITE_STATS = frozenset({"H", "H_tall", "abs_mean", "H_stack"})   # per input site; "C_out": per wide matrix
+
+
+def site_needs(needs: frozenset[str], shapes: list[tuple[int, int]]) -> frozenset[str]:
+    """The statistics of ``needs`` collected at an input site whose matrices have ``shapes`` (``(m, n)``)."""
+    wanted = needs & SITE_STATS
+    return wanted if any(m >= n for m, n in shapes) else wanted - {"H_tall"}
+
+
+def wants_output_gram(needs: frozenset[str], shape: tuple[int, int]) -> bool:
+    """Whether ``C_out`` of a matrix of ``shape`` is collected: asked for, and the output is the narrow side."""
+    return "C_out" in needs and shape[0] < shape[1]
 
 
 class SiteStats:
-    """The statistics of one input site, shared by the matrices reading it; caches its Cholesky factor."""
+    """The statistics of one input site, shared by the matrices reading it (or of one matrix's output); caches
+    its Cholesky factor and square root."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
         self.damping = 0.0
         self._chol: dict[tuple[str, float], torch.Tensor] = {}
+        self._root: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -48,6 +70,13 @@ class SiteStats:
             self.damping = max(self.damping, chol.damping)
             self._chol[(key, eps)] = chol.S
         return self._chol[(key, eps)]
+
+    def root(self, key: str = "H") -> torch.Tensor:
+        """``S`` with ``S S^T = tensors[key]``, never inverted (:func:`~svdexp.methods.linalg.psd_root`: no
+        damping, ``H`` may be singular)."""
+        if key not in self._root:
+            self._root[key] = psd_root(self.tensors[key])
+        return self._root[key]
 
 
 @dataclass
@@ -64,6 +93,9 @@ class MatrixStats:
 
     def cholesky(self, key: str = "H", eps: float = 1e-6) -> torch.Tensor:
         return self.site.cholesky(key, eps)
+
+    def root(self, key: str = "H") -> torch.Tensor:
+        return self.site.root(key)
 
 
 @dataclass
@@ -118,7 +150,8 @@ def _hidden_out(output) -> torch.Tensor:
 
 
 class _SiteAccumulator:
-    """Accumulates one input site's statistics from the inputs its first linear receives."""
+    """Accumulates one input site's statistics from the inputs its first linear receives (``H`` once, returned
+    under each of ``H`` and ``H_tall`` that is needed)."""
 
     def __init__(self, needs: frozenset[str], groups: torch.Tensor | None, num_groups: int) -> None:
         self.needs = needs
@@ -133,7 +166,7 @@ class _SiteAccumulator:
     def add(self, x: torch.Tensor) -> None:
         b = x.shape[0]
         flat = x.reshape(-1, x.shape[-1]).float()
-        if "H" in self.needs:
+        if self.needs & {"H", "H_tall"}:
             h = (flat.T @ flat).double()
             self.H = h if self.H is None else self.H + h
         if "abs_mean" in self.needs:
@@ -150,7 +183,7 @@ class _SiteAccumulator:
     def result(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.H is not None:
-            out["H"] = self.H.cpu()
+            out.update({name: self.H.cpu() for name in sorted(self.needs & {"H", "H_tall"})})
         if self.abs_sum is not None:
             out["abs_mean"] = (self.abs_sum / self.count).cpu()
         if self.group_sums is not None:
@@ -160,12 +193,36 @@ class _SiteAccumulator:
         return out
 
 
+class _OutputAccumulator:
+    """``C_out = sum_t y_t y_t^T`` of one linear's outputs without its bias (``y = W x``), like ``H``: float32
+    products summed in float64."""
+
+    def __init__(self, bias: torch.Tensor | None) -> None:
+        self.bias = bias
+        self.C: torch.Tensor | None = None
+
+    def add(self, y: torch.Tensor) -> None:
+        flat = y.reshape(-1, y.shape[-1]).float()
+        if self.bias is not None:
+            flat = flat - self.bias.float()
+        c = (flat.T @ flat).double()
+        self.C = c if self.C is None else self.C + c
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {"C_out": self.C.cpu()} if self.C is not None else {}
+
+
 @contextmanager
-def _site_hooks(layer: nn.Module, adapter: Adapter, accumulators: dict[str, _SiteAccumulator]) -> Iterator[None]:
+def _site_hooks(layer: nn.Module, adapter: Adapter, accumulators: dict[str, _SiteAccumulator],
+                outputs: dict[str, _OutputAccumulator] | None = None) -> Iterator[None]:
+    """Input-site accumulators on the first linear of their site, output ones on their linear."""
     handles = []
     for site, acc in accumulators.items():
         first = layer.get_submodule(adapter.sites[site][0])
         handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+    for path, acc in (outputs or {}).items():
+        linear = layer.get_submodule(path)
+        handles.append(linear.register_forward_hook(lambda _m, _args, out, acc=acc: acc.add(out)))
     try:
         yield
     finally:
@@ -196,10 +253,16 @@ class LayerStats:
 def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs: frozenset[str],
                   layer_name: str, groups: torch.Tensor | None = None, num_groups: int = 0
                   ) -> tuple[LayerStats, LayerInputs]:
-    """One pass of ``layer`` over ``inputs``: its site statistics, cosine (if needed), and its outputs."""
-    site_needs = needs & SITE_STATS
-    accumulators = {site: _SiteAccumulator(site_needs, groups, num_groups) for site in adapter.sites} \
-        if site_needs else {}
+    """One pass of ``layer`` over ``inputs``: its site statistics (input sites, and the outputs of the matrices
+    that need ``C_out``), cosine (if needed), and its outputs."""
+    shapes = {path: tuple(layer.get_submodule(path).weight.shape) for path in adapter.targets}
+    accumulators = {}
+    for site, paths in adapter.sites.items():
+        wanted = site_needs(needs, [shapes[p] for p in paths])
+        if wanted:
+            accumulators[site] = _SiteAccumulator(wanted, groups, num_groups)
+    output_accs = {p: _OutputAccumulator(layer.get_submodule(p).bias) for p in adapter.targets
+                   if wants_output_gram(needs, shapes[p])}
     cos_sum, cos_count = 0.0, 0
 
     def on_output(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -211,10 +274,10 @@ def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs
             cos_sum += cos.double().sum().item()
             cos_count += cos.numel()
 
-    with _site_hooks(layer, adapter, accumulators):
+    with _site_hooks(layer, adapter, accumulators, output_accs):
         outputs = run_layer(layer, inputs, on_output)
     sites = {}
-    for site, acc in accumulators.items():
+    for site, acc in {**accumulators, **output_accs}.items():
         tensors = acc.result()
         for key, value in tensors.items():
             if not torch.isfinite(value).all():
@@ -233,9 +296,13 @@ def stack_groups(num_samples: int, num_groups: int, seed: int) -> torch.Tensor:
 
 
 def collect_statistics(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, needs: frozenset[str],
-                       batch_size: int, device: torch.device, seed: int = 0, num_groups: int = 0
-                       ) -> list[LayerStats]:
-    """Statistics of every decoder layer of the (unmodified) model, one layer on the device at a time."""
+                       batch_size: int, device: torch.device, seed: int = 0, num_groups: int = 0,
+                       on_layer: Callable[[int, LayerStats], None] | None = None) -> list[LayerStats]:
+    """Statistics of every decoder layer of the (unmodified) model, one layer on the device at a time.
+
+    With ``on_layer``, each layer's statistics go to ``on_layer(index, stats)`` as soon as the layer is done
+    and are not kept (the result is then empty): the statistics in memory are one layer's, at any depth.
+    """
     inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
     groups = stack_groups(input_ids.shape[0], num_groups, seed) if "H_stack" in needs else None
     layers = adapter.layers(model)
@@ -244,7 +311,11 @@ def collect_statistics(model: nn.Module, adapter: Adapter, input_ids: torch.Tens
         layer = layers[i].to(device)
         stats, inputs = collect_layer(layer, adapter, inputs, needs, adapter.layer_prefix(i), groups, num_groups)
         layers[i].to("cpu")
-        result.append(stats)
+        if on_layer is None:
+            result.append(stats)
+        else:
+            on_layer(i, stats)
+        del stats
     return result
 
 
@@ -285,7 +356,8 @@ def stats_to_tensors(stats: list[LayerStats], stat: str) -> dict[str, torch.Tens
     """One statistic of every layer as flat named tensors (``"<layer>/<site>"``, or ``"cosine"``)."""
     if stat == "cosine":
         return {"cosine": torch.tensor([s.cosine for s in stats], dtype=torch.float64)}
-    return {f"{i}/{site}": layer.sites[site][stat] for i, layer in enumerate(stats) for site in layer.sites}
+    return {f"{i}/{site}": layer.sites[site][stat] for i, layer in enumerate(stats) for site in layer.sites
+            if stat in layer.sites[site]}
 
 
 def tensors_to_stats(entries: dict[str, dict[str, torch.Tensor]], num_layers: int) -> list[LayerStats]:

@@ -8,6 +8,7 @@ produces, and the compressed layer's outputs feed layer ``l + 1``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -22,6 +23,7 @@ from svdexp.lowrank import LowRankLinear
 from svdexp.methods import Method
 from svdexp.methods.linalg import weight_in_use
 from svdexp.models.adapters import Adapter
+from svdexp.statistics import LayerStatsStore
 
 
 def target_shapes(model: nn.Module, adapter: Adapter) -> list[dict[str, tuple[int, int]]]:
@@ -35,7 +37,11 @@ def target_shapes(model: nn.Module, adapter: Adapter) -> list[dict[str, tuple[in
 
 @dataclass(frozen=True)
 class StatsPlan:
-    """Which statistics come from the dense model's activations and which from the compressed prefix."""
+    """Which statistics come from the dense model's activations and which from the compressed prefix.
+
+    Statistics are names; where each is collected (every input site, the sites with a tall matrix, the outputs
+    of the wide matrices) follows from the name and the shapes (:func:`~svdexp.calibration.site_needs`).
+    """
     original: frozenset[str]
     prefix: frozenset[str]
     fisher: bool
@@ -64,6 +70,7 @@ class CompressionRecord:
 
 def _site_stats(original: LayerStats | None, prefix: LayerStats | None, propagate: str,
                 site: str, device: torch.device) -> SiteStats:
+    """What the matrices of ``site`` (an input site, or a matrix's path for its output statistics) see."""
     tensors: dict[str, torch.Tensor] = {}
     if original is not None and site in original.sites:
         tensors.update(original.sites[site].tensors)
@@ -73,6 +80,8 @@ def _site_stats(original: LayerStats | None, prefix: LayerStats | None, propagat
             tensors.update(collected)
         if "H" in collected:
             tensors["H_prefix"] = collected["H"]
+    if "H_tall" in tensors:          # H collected only where a tall matrix needs it: the site's H
+        tensors.setdefault("H", tensors.pop("H_tall"))
     return SiteStats({k: v.to(device) for k, v in tensors.items()})
 
 
@@ -84,7 +93,10 @@ def _replace(layer: nn.Module, path: str, module: nn.Module) -> None:
 def compress_layer(layer: nn.Module, adapter: Adapter, layer_name: str, method: Method, options: dict,
                    ranks: dict[str, int | None], sites: dict[str, SiteStats],
                    fisher: dict[str, torch.Tensor] | None, device: torch.device) -> None:
-    """Factorise every targeted linear of one decoder layer that has a rank, in place."""
+    """Factorise every targeted linear of one decoder layer that has a rank, in place.
+
+    ``sites``: the statistics of each input site, and of each matrix's output under the matrix's path (its own
+    statistics, e.g. ``C_out``, handed to the method with ``fisher`` as :attr:`MatrixStats.own`)."""
     for site, names in adapter.sites.items():
         for t in names:
             full = f"{layer_name}.{t}"
@@ -95,7 +107,9 @@ def compress_layer(layer: nn.Module, adapter: Adapter, layer_name: str, method: 
             W = linear.weight.detach().to(device=device, dtype=torch.float64)
             if not torch.isfinite(W).all():
                 raise NumericalError(f"non-finite weights in {full}.")
-            own = {"fisher": fisher[full].to(device)} if fisher is not None else {}
+            own = dict(sites[t].tensors) if t in sites else {}
+            if fisher is not None:
+                own["fisher"] = fisher[full].to(device)
             with weight_in_use(full):
                 A, B = method.fn(W, MatrixStats(sites[site], own), k, options)
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
@@ -107,10 +121,14 @@ def compress_layer(layer: nn.Module, adapter: Adapter, layer_name: str, method: 
 
 
 def compress_model(model: nn.Module, adapter: Adapter, method: Method, options: dict, ranks: dict[str, int | None],
-                   plan: StatsPlan, original_stats: list[LayerStats] | None,
+                   plan: StatsPlan, original: LayerStatsStore | None,
                    fisher: dict[str, torch.Tensor] | None, calib_ids: torch.Tensor, batch_size: int,
                    device: torch.device, seed: int) -> CompressionRecord:
-    """Compress every decoder layer in order; collects prefix statistics on the way when the plan needs them."""
+    """Compress every decoder layer in order; collects prefix statistics on the way when the plan needs them.
+
+    ``original`` answers the dense model's statistics (``plan.original``) layer by layer: layer ``i``'s are
+    read just before layer ``i`` is compressed and released after it, so one layer's are in memory at a time.
+    """
     record = CompressionRecord()
     propagate = options.get("propagate", "original")
     layers = adapter.layers(model)
@@ -118,18 +136,27 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, options: 
     num_groups = int(options.get("groups") or 0)
     groups = stack_groups(calib_ids.shape[0], num_groups, seed) if "H_stack" in plan.prefix else None
     for i in tqdm(range(len(layers)), desc="compression", unit="layer"):
-        name = adapter.layer_prefix(i)
-        layer = layers[i].to(device)
+        layers[i].to(device)
+        inputs = _compress_one(layers[i], i, adapter, method, options, ranks, plan, original, fisher, inputs,
+                               groups, num_groups, propagate, device, record)
+        layers[i].to("cpu")
+    return record
+
+
+def _compress_one(layer: nn.Module, index: int, adapter: Adapter, method: Method, options: dict,
+                  ranks: dict[str, int | None], plan: StatsPlan, store: LayerStatsStore | None,
+                  fisher: dict[str, torch.Tensor] | None, inputs, groups, num_groups: int, propagate: str,
+                  device: torch.device, record: CompressionRecord):
+    """Compress one decoder layer; returns the next layer's inputs (with prefix statistics). Its statistics
+    and Cholesky factors are locals here, freed on return."""
+    name = adapter.layer_prefix(index)
+    with store.layer(index, plan.original) if store is not None else nullcontext() as original:
         prefix_stats = None
         if plan.prefix:
             prefix_stats, _ = collect_layer(layer, adapter, inputs, plan.prefix, name, groups, num_groups)
-        original = original_stats[i] if original_stats is not None else None
-        sites = {site: _site_stats(original, prefix_stats, propagate, site, device) for site in adapter.sites}
+        sites = {site: _site_stats(original, prefix_stats, propagate, site, device)
+                 for site in (*adapter.sites, *adapter.targets)}   # input sites, then each matrix's output
         compress_layer(layer, adapter, name, method, options, ranks, sites, fisher, device)
-        for site, stats in sites.items():
-            if stats.damping > 0:
-                record.damped_sites[f"{name}.{site}"] = stats.damping
-        if plan.prefix:
-            inputs = run_layer(layer, inputs)
-        layers[i].to("cpu")
-    return record
+        record.damped_sites.update({f"{name}.{site}": s.damping for site, s in sites.items() if s.damping > 0})
+        del sites, original, prefix_stats     # before the store counts them released
+    return run_layer(layer, inputs) if plan.prefix else inputs

@@ -50,7 +50,7 @@ class MethodConfig:
     groups: int = 0                     # adasvd: stack-of-batch groups (0 = no stacking)
     beta: float = 0.05                  # ressvd: residual rank share
     space: str = "plain"                # ressvd: plain | whitened residual truncation
-    solver: str = "svd"                 # svd: SVD of the scaled matrix (papers' path) | auto: Gram of the smaller side
+    solver: str = "auto"                # auto: Gram matrix of the smaller side, no S^-1 | svd: the papers' SVD path
 
 
 @dataclass

@@ -9,24 +9,29 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from safetensors import SafetensorError
 from omegaconf import OmegaConf
 
 from svdexp.allocation import Allocation, allocate, check_adacr, check_last_layers, default_min_keep
-from svdexp.cache import (SVDCache, cache_key, has_tensor_entry, load_json_entry, load_tensor_entry, model_fingerprint,
-                          store_json_entry, store_tensor_entry, tensor_fingerprint)
-from svdexp.calibration import collect_statistics, fisher_information, stats_to_tensors, tensors_to_stats
+from svdexp.cache import (SVDCache, cache_key, load_json_entry, model_fingerprint, store_json_entry,
+                          tensor_fingerprint)
+from svdexp.cache_budget import install_budget, note_model
+from svdexp.calibration import collect_statistics, fisher_information
 from svdexp.compress import StatsPlan, compress_model, target_shapes
 from svdexp.checkpoint import save_compressed
 from svdexp.config import check_context, validate
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
-from svdexp.errors import NumericalError
+from svdexp.errors import NumericalError, SaveError
 from svdexp.evaluation.harness import evaluate_zeroshot, response_cache_path
 from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
 from svdexp.methods.linalg import svd_provider
 from svdexp.models import adapter_for, load_model
+from svdexp.models.loading import cache_dir
 from svdexp.plots import plot_layer_ratios
+from svdexp.statistics import LayerStatsStore
 from svdexp.tracking import make_logger, read_results, write_json_atomic
 
 
@@ -107,7 +112,8 @@ def _check_allocation(cfg, num_layers: int) -> None:
 
 
 # Settings that change how a run is done or logged, never its results: a finished run is not redone for them.
-NOT_RESULT_KEYS = {"logger": None, "calib": ("cache", "cache_svd"), "eval": ("cache_dense", "cache_responses")}
+NOT_RESULT_KEYS = {"logger": None, "cache": None, "calib": ("cache", "cache_svd"),
+                   "eval": ("cache_dense", "cache_responses")}
 
 
 def result_identity(config: dict) -> dict:
@@ -121,16 +127,33 @@ def result_identity(config: dict) -> dict:
     return out
 
 
+def job_threads(threads: int | None) -> int:
+    """The torch/OpenMP threads of this job: ``threads`` when set, else this process's cores divided by the
+    jobs its launcher runs at once (``hydra.launcher.n_jobs``; 1 outside a parallel launcher), so that a
+    parallel sweep does not start n_jobs x cores threads on the same cores."""
+    if threads is not None:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = 1
+    if HydraConfig.initialized():
+        n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=None)
+        jobs = cores if isinstance(n_jobs, int) and n_jobs < 1 else (n_jobs or 1)   # joblib: -1 = every core
+    return max(1, cores // jobs)
+
+
 def run(cfg, output_dir: str | Path) -> dict:
     """Run the experiment ``cfg`` and write ``results.json`` into ``output_dir``; returns the results."""
-    validate(cfg)
+    validate(cfg, output_dir)
+    install_budget(cfg.cache.max_gb)   # $SVDEXP_CACHE's size budget; this run's entries are never evicted under it
     output_dir = Path(output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = read_results(output_dir / "results.json")
-    if (previous and previous.get("status") == "done"
+    if (previous and previous.get("status") == "done" and "save_error" not in previous.get("compression", {})
             and result_identity(previous.get("config") or {}) == result_identity(resolved)):
         print(f"[svdexp] {output_dir} is already done for this config; skipping (delete results.json to re-run)")
         return previous
+    threads = job_threads(cfg.threads)
+    torch.set_num_threads(threads)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method.name]
@@ -161,31 +184,47 @@ def run(cfg, output_dir: str | Path) -> dict:
         if logger is not None:
             logger.finish(exit_code=1)
         raise
+    results["threads"] = threads
     c = results["compression"]
+    save_error = None
     if cfg.save:
-        target = output_dir / "model" if cfg.save is True else Path(cfg.save)
-        settings = {k: resolved[k] for k in ("model", "method", "allocation", "calib", "ratio", "seed", "dtype")}
-        settings["achieved_ratio_targeted"] = c["achieved_ratio_targeted"]
-        # Written aside and renamed, so a killed run never leaves a folder that looks complete. A folder already
-        # at the target can only be a previous unfinished attempt of this run (validate() refuses a non-empty
-        # user path; a finished run was skipped above).
-        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-        save_compressed(model, tokenizer, tmp, {k: v for k, v in c["ranks"].items() if v is not None}, settings)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        c["saved_to"] = str(target)
+        try:
+            c["saved_to"] = _save(cfg, model, tokenizer, output_dir, resolved, c)
+        except (OSError, SafetensorError) as err:   # a full disk, a quota: validate() checked the folder was writable
+            save_error = c["save_error"] = f"{type(err).__name__}: {err}"
     plot_layer_ratios(c["layer_keep"], cfg.ratio, f"{cfg.model.name} {c['method']} {c['allocation']} "
                       f"target {cfg.ratio:g} (achieved {c['achieved_ratio_targeted']:.3f})",
                       output_dir / "layer_ratios.png")
     write_json_atomic(output_dir / "results.json", results)   # last: its presence means the run is done
     if logger is not None:
         logger.log_results(results)
-        logger.finish()
+        logger.finish(exit_code=4 if save_error else 0)
+    if save_error:
+        raise SaveError(f"save={cfg.save!r}: {save_error}. The metrics are in {output_dir / 'results.json'}; a "
+                        "re-run of the same command redoes the run to write the checkpoint.")
     return results
 
 
-def _choose_num_layers(cfg, model, adapter, method, options, plan, original_stats, fisher, calib_ids, shapes,
+def _save(cfg, model, tokenizer, output_dir: Path, resolved: dict, c: dict) -> str:
+    """The compressed checkpoint, written aside and renamed so a killed run never leaves a folder that looks
+    complete; returns where it went. A folder already at the target can only be a previous unfinished attempt of
+    this run (validate() refuses a non-empty user path; a finished run was skipped)."""
+    target = output_dir / "model" if cfg.save is True else Path(cfg.save).expanduser()
+    settings = {k: resolved[k] for k in ("model", "method", "allocation", "calib", "ratio", "seed", "dtype")}
+    settings["achieved_ratio_targeted"] = c["achieved_ratio_targeted"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    try:
+        save_compressed(model, tokenizer, tmp, {k: v for k, v in c["ranks"].items() if v is not None}, settings)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _choose_num_layers(cfg, model, adapter, method, options, plan, store, fisher, calib_ids, shapes,
                        device) -> tuple[int, dict[int, float]]:
     """ResSVD's K search: compress with each K of a small feasible grid, keep the lowest calibration perplexity."""
     total = len(shapes)
@@ -195,7 +234,7 @@ def _choose_num_layers(cfg, model, adapter, method, options, plan, original_stat
     for k_layers in grid:
         candidate = copy.deepcopy(model)
         alloc = allocate("last_layers", cfg.ratio, shapes, {"num_layers": k_layers})
-        compress_model(candidate, adapter, method, options, alloc.ranks, plan, original_stats, fisher, calib_ids,
+        compress_model(candidate, adapter, method, options, alloc.ranks, plan, store, fisher, calib_ids,
                        cfg.calib.batch_size, device, cfg.seed)
         candidate.to(device)
         scores[k_layers] = perplexity(candidate, calib_ids, cfg.calib.batch_size, device,
@@ -204,64 +243,59 @@ def _choose_num_layers(cfg, model, adapter, method, options, plan, original_stat
     return min(scores, key=scores.get), scores
 
 
-# Statistics cheap enough to collect in any calibration pass, for the cache (not "H_stack": it needs groups).
-SHARED_STATS = frozenset({"H", "abs_mean", "cosine"})
+# Statistics cheap enough to collect in any calibration pass, for the cache: O(n) per token. Not H (O(n^2) per
+# token: solver=auto's svd_llm avoids most of it) and not "H_stack" (it needs groups).
+SHARED_STATS = frozenset({"abs_mean", "cosine"})
 
 
-def _original_statistics(cfg, model, fingerprint: str, adapter, plan, options: dict, calib_ids, device
-                         ) -> tuple[list | None, dict | None, dict]:
-    """The dense model's statistics the plan needs, from the cache where present; missing ones in one pass.
+def _statistics_store(cfg, fingerprint: str, options: dict, calib_ids, device, num_layers: int) -> LayerStatsStore:
+    """Where the dense model's statistics of this run live: the shared cache ($SVDEXP_CACHE/stats) with
+    ``calib.cache``, else a private temporary directory (same store, deleted when the run closes it).
 
-    A cache entry is keyed by everything that determines it: the weights (fingerprint), the calibration token
-    ids (which fix dataset, tokenizer, samples, length and seed), the statistic, batch size, dtype, device type
-    and, for stack-of-batch, the groups and seed. Compressed-prefix statistics depend on the method and ratio
-    and are never cached.
+    An entry is keyed by everything that determines it: the weights (fingerprint), the calibration token ids
+    (which fix dataset, tokenizer, samples, length and seed), the statistic, batch size, dtype, device type,
+    for stack-of-batch the groups and seed, and the decoder layer. Compressed-prefix statistics depend on the
+    method and ratio and are never stored.
     """
-    wanted = set(plan.original) | ({f"fisher_{options['fisher']}"} if plan.fisher else set())
-    if not wanted:
-        return None, None, {"cached": [], "computed": []}
     groups = int(options.get("groups") or 0)
     base = {"model": fingerprint, "tokens": tensor_fingerprint(calib_ids), "propagate": "original",
             "batch_size": cfg.calib.batch_size, "dtype": cfg.dtype, "device": device.type}
-    keys = {}
+    return LayerStatsStore(base, num_layers, cache_dir() if cfg.calib.cache else None,
+                           variants={"H_stack": {"groups": groups, "seed": cfg.seed}})
+
+
+def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, device, store: LayerStatsStore
+                         ) -> tuple[dict | None, dict]:
+    """Make ``store`` hold the dense model's statistics the plan needs: those stored and valid are kept, the
+    missing ones collected in one pass, each layer's written as soon as it is done. Returns the Fisher vectors
+    (whole model, small: held in memory) and the record of what was cached and what computed."""
+    wanted = set(plan.original) | ({f"fisher_{options['fisher']}"} if plan.fisher else set())
+    if not wanted:
+        return None, {"cached": [], "computed": []}
+    groups = int(options.get("groups") or 0)
+    fisher = None
+    cached = set()
     for stat in wanted:
-        description = {**base, "stat": stat, **({"groups": groups, "seed": cfg.seed} if stat == "H_stack" else {})}
-        keys[stat] = (cache_key(description), description)
-    entries = {}
-    if cfg.calib.cache:
-        for stat, (key, _) in keys.items():
-            tensors = load_tensor_entry("stats", key)
-            if tensors is not None:
-                entries[stat] = tensors
-    missing = wanted - set(entries)
+        if stat.startswith("fisher_"):
+            fisher = store.model_entry(stat)
+            if fisher is not None:
+                cached.add(stat)
+        elif store.complete(stat):
+            cached.add(stat)
+    missing = wanted - cached
     layerwise = frozenset(stat for stat in missing if not stat.startswith("fisher_"))
-    if layerwise and cfg.calib.cache:
+    if layerwise and not store.private:
         # A pass over the model is happening anyway: collect the common statistics with it, so that the other
         # jobs of a sweep (another method, policy or ratio) find them in the cache.
-        for stat in SHARED_STATS - layerwise:
-            description = {**base, "stat": stat}
-            key = cache_key(description)
-            if not has_tensor_entry("stats", key):
-                keys[stat] = (key, description)
-                layerwise |= {stat}
+        layerwise |= {stat for stat in SHARED_STATS - layerwise - cached if not store.exists(stat)}
         missing |= layerwise
     if layerwise:
-        collected = collect_statistics(model, adapter, calib_ids, layerwise, cfg.calib.batch_size, device,
-                                       cfg.seed, groups)
-        for stat in layerwise:
-            entries[stat] = stats_to_tensors(collected, stat)
+        collect_statistics(model, adapter, calib_ids, layerwise, cfg.calib.batch_size, device, cfg.seed, groups,
+                           on_layer=lambda index, stats: store.put(index, stats, layerwise))
     for stat in missing - layerwise:   # the Fisher pass (whole model, one backward per sample)
-        entries[stat] = fisher_information(model, adapter, calib_ids, options["fisher"], device)
-    if cfg.calib.cache:
-        for stat in missing:
-            key, description = keys[stat]
-            store_tensor_entry("stats", key, entries[stat], description)
-    for stat in set(entries) - wanted:     # collected for the cache only
-        del entries[stat]
-    fisher = next((entries.pop(stat) for stat in list(entries) if stat.startswith("fisher_")), None)
-    layer_stats = tensors_to_stats(entries, len(adapter.layers(model))) if entries else None
-    cache_record = {"cached": sorted(wanted - missing), "computed": sorted(missing)}
-    return layer_stats, fisher, cache_record
+        fisher = fisher_information(model, adapter, calib_ids, options["fisher"], device)
+        store.put_model_entry(stat, fisher)
+    return fisher, {"cached": sorted(cached), "computed": sorted(missing)}
 
 
 def _compress(cfg, model, fingerprint: str, adapter, method, calib_ids, shapes, device
@@ -271,26 +305,28 @@ def _compress(cfg, model, fingerprint: str, adapter, method, calib_ids, shapes, 
     options = OmegaConf.to_container(cfg.method, resolve=True)
     alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
     plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name, options)
-    t0 = time.perf_counter()
-    original_stats, fisher, cache_record = _original_statistics(cfg, model, fingerprint, adapter, plan, options,
-                                                                calib_ids, device)
-    calib_seconds = time.perf_counter() - t0
-    importances = [1.0 - s.cosine for s in original_stats] if "cosine" in plan.original else None
+    with _statistics_store(cfg, fingerprint, options, calib_ids, device, len(shapes)) as store:
+        t0 = time.perf_counter()
+        fisher, cache_record = _original_statistics(cfg, model, adapter, plan, options, calib_ids, device, store)
+        calib_seconds = time.perf_counter() - t0
+        importances = [1.0 - c for c in store.scalars["cosine"]] if "cosine" in plan.original else None
+        original = store if plan.original else None
 
-    t1 = time.perf_counter()
-    # Decompositions of rank-independent matrices are shared across ratios through $SVDEXP_CACHE/svd; with
-    # propagate=compressed every matrix depends on the ratio, so there is nothing to share.
-    svds = SVDCache(fingerprint, device.type) if cfg.calib.cache_svd and cfg.method.propagate == "original" else None
-    search = None
-    with svd_provider(svds):
-        if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
-            alloc_cfg["num_layers"], search = _choose_num_layers(cfg, model, adapter, method, options, plan,
-                                                                 original_stats, fisher, calib_ids, shapes, device)
-        alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, importances)
-        if search is not None:
-            alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
-        result = compress_model(model, adapter, method, options, alloc.ranks, plan, original_stats, fisher,
-                                calib_ids, cfg.calib.batch_size, device, cfg.seed)
+        t1 = time.perf_counter()
+        # Decompositions of rank-independent matrices are shared across ratios through $SVDEXP_CACHE/svd; with
+        # propagate=compressed every matrix depends on the ratio, so there is nothing to share.
+        svds = (SVDCache(fingerprint, device.type) if cfg.calib.cache_svd and cfg.method.propagate == "original"
+                else None)
+        search = None
+        with svd_provider(svds):
+            if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
+                alloc_cfg["num_layers"], search = _choose_num_layers(cfg, model, adapter, method, options, plan,
+                                                                     original, fisher, calib_ids, shapes, device)
+            alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, importances)
+            if search is not None:
+                alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
+            result = compress_model(model, adapter, method, options, alloc.ranks, plan, original, fisher,
+                                    calib_ids, cfg.calib.batch_size, device, cfg.seed)
     record = {"damped_sites": result.damped_sites, "statistics": cache_record,
               "svd_cache": svds.record() if svds is not None else None, "calibration_seconds": calib_seconds,
               "decomposition_seconds": time.perf_counter() - t1}
@@ -302,6 +338,7 @@ def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_se
     params_total = count_parameters(model)
     params_targeted = sum(m * n for layer in shapes for m, n in layer.values())
     fingerprint = model_fingerprint(model)
+    note_model(fingerprint, cfg.model.name)   # $SVDEXP_CACHE/models.json, for svdexp-cache --model NAME
     metrics: dict = {}
     if cfg.eval.dense_baseline:
         dense = _dense_ppl(model, eval_sets, cfg, device, fingerprint)

@@ -95,7 +95,8 @@ def test_last_layers_leaves_the_first_layers_bit_identical(tmp_path, method):
     saved = {}
     for name, overrides in (("dense", ["method=none"]),
                             ("last", [f"method={method}", "ratio=0.3", "allocation=last_layers",
-                                      "allocation.num_layers=2"])):
+                                      "allocation.num_layers=2",
+                                      *(["method.groups=2"] if method == "adasvd" else [])])):
         run_dir = tmp_path / name
         proc = run_svdexp([*TINY, *overrides, "save=true"], run_dir)
         assert proc.returncode == 0, proc.stderr[-3000:]

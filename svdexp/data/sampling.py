@@ -9,8 +9,21 @@ from svdexp.errors import ConfigError
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """Tokenise a whole split once, with the tokenizer's default special tokens, as a 1-D LongTensor."""
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
-    return ids.long()
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0].long()
+    _return_freed_memory()
+    return ids
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap glibc keeps after a large transient allocation (tokenising a split: ~0.3 GB measured by
+    benchmarks/memory.py) back to the system; nothing elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def calibration_batch(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

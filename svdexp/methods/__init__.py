@@ -21,7 +21,8 @@ Needs = frozenset[str] | Callable[[Mapping[str, Any]], "set[str] | frozenset[str
 class Method:
     name: str
     fn: Callable[..., Factors] | None   # None for the dense baseline
-    # statistics (H, abs_mean, fisher, H_prefix, H_stack): a fixed set, or a function of the method's options
+    # statistics (H, H_tall, abs_mean, fisher, H_prefix, H_stack, C_out; where each is collected follows from its
+    # name and the matrices' shapes, see svdexp.calibration): a fixed set, or a function of the method's options
     needs: Needs = field(default_factory=frozenset)
 
     def needs_for(self, options: Mapping[str, Any]) -> frozenset[str]:

@@ -1,6 +1,6 @@
 """AdaSVD's adaComp (Li et al., "AdaSVD: Adaptive Singular Value Decomposition for Large Language Models", 2025).
 
-Start from the SVD-LLM factors (whitening with ``S = cholesky(H)``), then alternate ``iters`` rounds of
+Start from the SVD-LLM factors (whitened truncation with ``H``, by ``solver``), then alternate ``iters`` rounds of
   A-step  ``A = W H' B^T (B H' B^T)^+``   (least squares in ``A`` for ``min ||(W - A B) X'||_F``)
   B-step  ``B = (A^T A)^+ A^T W``          (least squares in ``B``; the minimiser for any full-rank ``H'``)
 with SVD pseudo-inverses. ``H'`` is
@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import torch
 
 from svdexp.methods import Factors, register
-from svdexp.methods.linalg import solve_left_factor, solve_right_factor, whitened_factors
+from svdexp.methods.linalg import solve_left_factor, solve_right_factor
+from svdexp.methods.svd_llm import whitened_truncation
 
 
 def _needs(options: Mapping[str, Any]) -> set[str]:
@@ -38,8 +39,7 @@ def adacomp_statistic(stats, options: Mapping[str, Any]) -> torch.Tensor:
 @register("adasvd", needs=_needs)
 def adasvd(W: torch.Tensor, stats, k: int, options) -> Factors:
     """SVD-LLM whitening at rank ``k`` followed by ``iters`` alternating least-squares rounds on ``H'``."""
-    S = stats.cholesky("H", eps=options.get("damping", 1e-6))
-    A, B, _ = whitened_factors(W, S, k)
+    A, B = whitened_truncation(W, stats, k, options)
     H_ada = adacomp_statistic(stats, options)
     for _ in range(int(options.get("iters", 1))):
         A = solve_left_factor(W, B, H_ada)

@@ -7,6 +7,9 @@ rank search is not part of this method (it is an allocation policy).
 
 Dead input channels (``abs_mean = 0``) are floored at ``1e-8 * max(abs_mean)`` before the power so that
 ``S^-1`` exists (:func:`~svdexp.methods.linalg.positive_floor`).
+
+``solver: auto``: ``U_k`` from the Gram matrix of ``W S``'s smaller side, ``B = Sigma^-1/2 U_k^T W`` (no
+``S^-1``; :func:`~svdexp.methods.linalg.gram_truncation`).
 """
 
 from __future__ import annotations
@@ -24,4 +27,4 @@ def asvd(W: torch.Tensor, stats, k: int, options) -> Factors:
     """Activation-scaled truncated SVD of ``W`` at rank ``k``."""
     alpha = float(options.get("alpha", 0.5))
     S = positive_floor(stats["abs_mean"], CHANNEL_FLOOR) ** alpha
-    return scaled_factors(W, k, right=S)
+    return scaled_factors(W, k, right=S, solver=options.get("solver", "svd"))

@@ -9,6 +9,9 @@ With ``D = diag(sqrt(I))``: truncated SVD of ``D W = U Sigma V^T``, ``A = D^-1 U
 Zero importances (rows/columns no gradient reached) are floored at ``1e-8 * max(I)`` before ``sqrt`` so that
 ``D^-1`` exists (:func:`~svdexp.methods.linalg.positive_floor`); such rows keep their least-squares
 projection ``w_i V_k V_k^T`` rather than being dropped.
+
+``solver: auto``: the same truncation from the Gram matrix of ``D W`` (or ``W D``) without ``SVD``
+(:func:`~svdexp.methods.linalg.gram_truncation`; a column scaling is then never inverted).
 """
 
 from __future__ import annotations
@@ -30,4 +33,6 @@ def fwsvd(W: torch.Tensor, stats, k: int, options) -> Factors:
     if importance.numel() != expected:
         raise ValueError(f"fwsvd: fisher ({reduce}) has {importance.numel()} entries, W is {tuple(W.shape)}")
     D = positive_floor(importance, IMPORTANCE_FLOOR).sqrt()
-    return scaled_factors(W, k, left=D) if reduce == "rows" else scaled_factors(W, k, right=D)
+    solver = options.get("solver", "svd")
+    return scaled_factors(W, k, left=D, solver=solver) if reduce == "rows" else \
+        scaled_factors(W, k, right=D, solver=solver)

@@ -5,6 +5,9 @@ Stage 1: SVD-LLM whitened truncation at ``k1``, ``W1 = A1 B1``. Residual ``R = W
 SVD of ``R`` at ``k2`` — ``space: plain`` (default) the SVD of ``R``; ``space: whitened`` the SVD of ``R S``
 with ``B2 = Sigma^1/2 V^T S^-1`` (same back-solve as the whitening). ``A = [A1 A2]``, ``B = [B1; B2]``,
 ``W' = W1 + A2 B2``. With ``space: whitened`` this is the plain whitened truncation at ``k`` (Eckart-Young).
+
+``solver: auto``: both stages from Gram matrices (:func:`~svdexp.methods.linalg.gram_truncation`): stage 1 and a
+whitened residual as SVD-LLM's auto solver (no ``S^-1``), a plain residual from the Gram of ``R``'s smaller side.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from svdexp.methods import Factors, register
-from svdexp.methods.linalg import split_sqrt, truncated_svd, whitened_factors
+from svdexp.methods.linalg import gram_truncation, split_sqrt, truncated_svd
+from svdexp.methods.svd_llm import whitened_truncation
 
 
 def split_rank(k: int, m: int, n: int, beta: float) -> tuple[int, int]:
@@ -26,13 +30,14 @@ def ressvd(W: torch.Tensor, stats, k: int, options) -> Factors:
     """Whitened truncation at ``k1`` plus a rank-``k2`` truncation of the residual."""
     m, n = W.shape
     k1, k2 = split_rank(k, m, n, float(options.get("beta", 0.05)))
-    S = stats.cholesky("H", eps=options.get("damping", 1e-6))
-    A1, B1, _ = whitened_factors(W, S, k1)
+    A1, B1 = whitened_truncation(W, stats, k1, options)
     if k2 == 0:
         return A1, B1
     R = W.double() - A1 @ B1
     if options.get("space", "plain") == "whitened":
-        A2, B2, _ = whitened_factors(R, S, k2, reuse=False)
+        A2, B2 = whitened_truncation(R, stats, k2, options, reuse=False)
+    elif options.get("solver", "svd") == "auto":
+        A2, B2, _ = gram_truncation(R, k2, reuse=False)
     else:
         A2, B2 = split_sqrt(*truncated_svd(R, k2))
     return torch.cat([A1, A2], dim=1), torch.cat([B1, B2], dim=0)

@@ -5,6 +5,12 @@ Truncation-aware whitening: ``S = cholesky(H)`` (``H = X X^T = S S^T``), SVD of 
 ``A = U_k Sigma_k^1/2``, ``B = Sigma_k^1/2 V_k^T S^-1``; the truncation loss ``||(W - A B) X||_F^2`` is exactly
 ``sum_{i>k} sigma_i^2``.
 
+``solver: auto``: the same truncation without ``S^-1``: ``A B = U_k U_k^T W`` with ``U_k`` the top eigenvectors
+of ``C = W H W^T`` (``A = U_k Sigma_k^1/2``, ``B = Sigma_k^-1/2 U_k^T W``; no Cholesky, no damping, ``H`` may be
+singular; :func:`~svdexp.methods.linalg.gram_truncation`). With ``update: none`` a matrix with fewer outputs than
+inputs (``m < n``) needs only ``C_out``, the Gram of its outputs (``= W H W^T``), and a site whose matrices are
+all such needs no ``H`` (``needs``: ``C_out`` and ``H_tall``, see :mod:`svdexp.calibration`).
+
 ``update: closed_form`` (arXiv v1, "step 2" of the reference code): keep ``B`` and re-fit ``A`` to the inputs
 ``X~`` produced by the already-compressed prefix, ``A = W H~ B^T (B H~ B^T)^-1`` with ``H~ = X~ X~^T``
 (``stats["H_prefix"]``; solved with an SVD pseudo-inverse). With ``propagate: compressed`` ``H`` already is
@@ -18,18 +24,30 @@ from typing import Any, Mapping
 import torch
 
 from svdexp.methods import Factors, register
-from svdexp.methods.linalg import solve_left_factor, whitened_factors
+from svdexp.methods.linalg import gram_truncation, solve_left_factor, whitened_factors
 
 
 def _needs(options: Mapping[str, Any]) -> set[str]:
-    return {"H", "H_prefix"} if options.get("update", "none") == "closed_form" else {"H"}
+    if options.get("update", "none") == "closed_form":
+        return {"H", "H_prefix"}
+    return {"C_out", "H_tall"} if options.get("solver", "svd") == "auto" else {"H"}
+
+
+def whitened_truncation(W: torch.Tensor, stats, k: int, options: Mapping[str, Any], reuse: bool = True) -> Factors:
+    """SVD-LLM's truncation of ``W`` at rank ``k`` by ``options["solver"]``; ``C_out`` is used when present
+    and ``reuse`` (``W`` is the weight being compressed, not e.g. a residual)."""
+    if options.get("solver", "svd") == "auto":
+        C_out = stats["C_out"] if reuse and "C_out" in stats else None
+        H = None if C_out is not None else stats["H"]
+        return gram_truncation(W, k, H=H, root=lambda: stats.root("H"), C_out=C_out, reuse=reuse)[:2]
+    S = stats.cholesky("H", eps=options.get("damping", 1e-6))
+    return whitened_factors(W, S, k, reuse)[:2]
 
 
 @register("svd_llm", needs=_needs)
 def svd_llm(W: torch.Tensor, stats, k: int, options) -> Factors:
     """Whitened truncation of ``W`` at rank ``k``, optionally followed by the closed-form update of ``A``."""
-    S = stats.cholesky("H", eps=options.get("damping", 1e-6))
-    A, B, _ = whitened_factors(W, S, k)
+    A, B = whitened_truncation(W, stats, k, options)
     if options.get("update", "none") == "closed_form":
         A = solve_left_factor(W, B, stats["H_prefix"])
     return A, B

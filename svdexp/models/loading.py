@@ -60,8 +60,11 @@ def _convert_gguf(package: str, gguf_file: str, target: Path) -> None:
     config = AutoConfig.from_pretrained(str(source), gguf_file=gguf_file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
+    # built on the meta device and given the dequantised tensors themselves: no second copy of the weights
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), assign=True)
+    del gguf_model
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -106,6 +109,46 @@ def resolve_path(cfg) -> str:
     raise ConfigError(f"model.source={cfg.source!r}; allowed: {', '.join(SOURCES)}.")
 
 
+def _from_local_safetensors(folder: Path, dtype: torch.dtype) -> nn.Module | None:
+    """The model of a local folder holding a safetensors checkpoint of a built-in architecture, its weights read
+    into memory of their own (``pread``) instead of views of the memory-mapped files; ``None`` for anything else
+    (a hub id, ``.bin`` weights, an older safetensors), which ``from_pretrained`` then loads as usual.
+
+    Same weights and peak as the mapped load, but a weight that compression replaces gives its memory back: the
+    pages of a mapping stay resident as long as any tensor of the file lives.
+    """
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        return None
+    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state_dict.update(load_file(str(file), backend="pread"))
+        except TypeError:       # safetensors without the pread backend
+            return None
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    del state_dict
+    model.config.name_or_path = model.name_or_path = str(folder)     # as from_pretrained(folder) sets them
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model
+
+
 def load_model(cfg, dtype: str, seed: int) -> tuple[nn.Module, object]:
     """The model (on CPU, eval mode) and its tokenizer for a ``model`` config group."""
     from transformers import AutoModelForCausalLM
@@ -115,8 +158,10 @@ def load_model(cfg, dtype: str, seed: int) -> tuple[nn.Module, object]:
         model, tokenizer = _tiny_random(cfg, torch_dtype, seed)
     else:
         path = resolve_path(cfg)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        model = None if cfg.trust_remote_code else _from_local_safetensors(Path(path), torch_dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         tokenizer = _load_tokenizer(path)
     model.eval()
     model.config.use_cache = False

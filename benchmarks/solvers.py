@@ -1,0 +1,86 @@
+"""`method.solver=svd` (the papers' path) against `auto` (Gram matrix of the smaller side, no S^-1), on the real
+embedded model through the real app, one run at a time.
+
+1. Decomposition seconds of every method with each solver (ratio 0.2; the SVD cache off so that every matrix
+   is decomposed; statistics from the statistics cache, so only the decomposition differs between the runs).
+2. svd_llm's wiki/news perplexity with each solver at 20/40/60 % (the default evaluation, 64 chunks).
+
+    .venv/bin/python benchmarks/solvers.py [--methods svd,svd_llm] [--ratios 0.2,0.4,0.6]
+
+Writes benchmarks/results/solvers.json and solvers.md. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "svd_llm_closed_form", "adasvd", "ressvd"]
+SOLVERS = ["svd", "auto"]
+
+
+def run(overrides: list[str]) -> dict:
+    """One `svdexp` run in a fresh run directory; its results.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "svdexp.app", "logger=none", *overrides, f"hydra.run.dir={tmp}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads((Path(tmp) / "results.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--ratios", default="0.2,0.4,0.6")
+    args = parser.parse_args()
+    out: dict = {"command": " ".join(["benchmarks/solvers.py", *sys.argv[1:]]), "decomposition": {}, "ppl": {}}
+    for method in args.methods.split(","):
+        for solver in SOLVERS:
+            # svd_llm's 20 % runs are both timed and evaluated in full; the others evaluate one chunk
+            full = method == "svd_llm"
+            evaluation = [] if full else ["eval.ppl.datasets=[wiki]", "eval.ppl.max_chunks=1"]
+            r = run([f"method={method}", f"method.solver={solver}", "ratio=0.2", "calib.cache_svd=false",
+                     *evaluation])
+            c = r["compression"]
+            out["decomposition"].setdefault(method, {})[solver] = round(c["decomposition_seconds"], 2)
+            print(method, solver, out["decomposition"][method][solver], "s", flush=True)
+            if full:
+                out["ppl"].setdefault("0.2", {})[solver] = r["metrics"]["ppl"]
+    if "svd_llm" in args.methods.split(","):
+        for ratio in args.ratios.split(","):
+            for solver in SOLVERS:
+                if ratio in out["ppl"] and solver in out["ppl"][ratio]:
+                    continue
+                r = run(["method=svd_llm", f"method.solver={solver}", f"ratio={ratio}"])
+                out["ppl"].setdefault(ratio, {})[solver] = r["metrics"]["ppl"]
+                print("svd_llm", ratio, solver, r["metrics"]["ppl"], flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "solvers.json").write_text(json.dumps(out, indent=2))
+    (OUT / "solvers.md").write_text(markdown(out))
+    print(markdown(out))
+
+
+def markdown(out: dict) -> str:
+    lines = [f"Measured by `.venv/bin/python {out['command']}` (SmolLM2-135M, 32 x 512 calibration tokens, "
+             "ratio 0.2, SVD cache off).", "",
+             "| method | decomposition, solver=svd (s) | solver=auto (s) | speed-up |", "|---|---|---|---|"]
+    for method, t in out["decomposition"].items():
+        lines.append(f"| {method} | {t['svd']:.1f} | {t['auto']:.1f} | {t['svd'] / t['auto']:.2f}x |")
+    lines += ["", "| svd_llm ratio | wiki, svd | wiki, auto | news, svd | news, auto | max relative difference |",
+              "|---|---|---|---|---|---|"]
+    for ratio, p in out["ppl"].items():
+        diff = max(abs(p["auto"][d] / p["svd"][d] - 1) for d in p["svd"])
+        lines.append(f"| {float(ratio):.0%} | {p['svd']['wiki']:.2f} | {p['auto']['wiki']:.2f} | "
+                     f"{p['svd']['news']:.2f} | {p['auto']['news']:.2f} | {diff:.3%} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The cache's size budget (least recently used entries evicted first, never the running job's), writes that do
+not fit on the disk (skipped with one warning, no temporary file left, results as without the cache), and two
+processes writing the same key at once (one valid entry)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdexp import cache_budget
+from svdexp.cache import has_tensor_entry, load_tensor_entry, store_tensor_entry
+from svdexp.errors import ConfigError
+
+from conftest import ROOT, TINY, offline_env, read_results
+
+DAY = 86400
+ENTRY = 100_000          # bytes of tensor data per test entry (+ ~300 bytes of header)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """A fresh cache folder and a fresh run state; the process's state is dropped afterwards."""
+    monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cache_budget.ENV_MAX_GB, raising=False)
+    cache_budget.install_budget()
+    yield tmp_path / "cache"
+    cache_budget._RUN.close()
+    cache_budget._RUN = None
+
+
+def tensors(value: float) -> dict[str, torch.Tensor]:
+    return {"x": torch.full((ENTRY // 8,), value, dtype=torch.float64)}
+
+
+def path(cache: Path, kind: str, key: str) -> Path:
+    return cache / kind / f"{key}.safetensors"
+
+
+def key(name: str) -> str:
+    return name * 32
+
+
+def set_last_use(file: Path, days_ago: float) -> None:
+    stamp = time.time() - days_ago * DAY
+    os.utime(file, (stamp, stamp))
+
+
+def test_budget_evicts_least_recently_used_first_never_this_runs_entries(cache, caplog):
+    for name in "abc":
+        assert store_tensor_entry("svd", key(name), tensors(1.0), {"model": "m"})
+    # a later run, whose budget holds three entries and a half
+    cache_budget.install_budget(3.5 * (ENTRY + 400) / cache_budget.GB)
+    set_last_use(path(cache, "svd", key("a")), 10)
+    set_last_use(path(cache, "svd", key("b")), 5)
+    set_last_use(path(cache, "svd", key("c")), 2)
+    assert load_tensor_entry("svd", key("a")) is not None            # a read is a use: a is now the newest
+    assert time.time() - path(cache, "svd", key("a")).stat().st_mtime < 60
+
+    assert store_tensor_entry("svd", key("d"), tensors(2.0), {"model": "m"})
+    assert not path(cache, "svd", key("b")).exists()                  # the least recently used went first
+    assert all(path(cache, "svd", key(n)).exists() for n in "acd")
+
+    set_last_use(path(cache, "svd", key("a")), 30)                    # old, but read by this run: never evicted
+    set_last_use(path(cache, "svd", key("d")), 30)                    # old, but written by this run
+    with caplog.at_level(logging.WARNING, logger="svdexp.cache"):
+        assert store_tensor_entry("svd", key("e"), tensors(3.0), {"model": "m"})
+        assert not path(cache, "svd", key("c")).exists()
+        assert all(path(cache, "svd", key(n)).exists() for n in "ade")
+        assert not caplog.records
+        # only this run's entries are left: the next writes are skipped, with one warning for the run
+        assert not store_tensor_entry("svd", key("f"), tensors(4.0), {"model": "m"})
+        assert not store_tensor_entry("svd", key("1"), tensors(5.0), {"model": "m"})
+    assert not path(cache, "svd", key("f")).exists() and not path(cache, "svd", key("1")).exists()
+    assert all(path(cache, "svd", key(n)).exists() for n in "ade")
+    warnings = [r for r in caplog.records if "budget" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert cache_budget.current_run().evicted == 2
+    assert not list(cache.rglob(".*"))                                 # no temporary file anywhere
+
+
+def test_entries_other_jobs_used_recently_are_kept(cache):
+    """Another job of the sweep may be between writing and reading an entry: used within RECENT_USE_S, it stays."""
+    assert store_tensor_entry("svd", key("a"), tensors(1.0), {"model": "m"})
+    cache_budget.install_budget(1.5 * (ENTRY + 400) / cache_budget.GB)     # a new run: a is not its own
+    set_last_use(path(cache, "svd", key("a")), cache_budget.RECENT_USE_S / DAY / 2)
+    assert not store_tensor_entry("svd", key("b"), tensors(2.0), {"model": "m"})
+    assert path(cache, "svd", key("a")).exists() and not path(cache, "svd", key("b")).exists()
+    set_last_use(path(cache, "svd", key("a")), 2 * cache_budget.RECENT_USE_S / DAY)
+    cache_budget.install_budget(1.5 * (ENTRY + 400) / cache_budget.GB)
+    assert store_tensor_entry("svd", key("b"), tensors(2.0), {"model": "m"})
+    assert not path(cache, "svd", key("a")).exists()
+
+
+def test_statistics_that_do_not_fit_are_kept_for_the_run(cache):
+    """The statistics store reads back what it wrote: a skipped entry is kept aside for this run only."""
+    cache_budget.install_budget(1e-6)                                  # 1 kB
+    key_ = key("5")
+    assert not store_tensor_entry("stats", key_, tensors(7.0), {"model": "m"})
+    assert not path(cache, "stats", key_).exists()
+    assert has_tensor_entry("stats", key_)
+    assert torch.equal(load_tensor_entry("stats", key_)["x"], tensors(7.0)["x"])
+    spill_dir = cache_budget.current_run().spill_dir()
+    assert list(spill_dir.iterdir())
+    cache_budget.install_budget()                                      # the next run starts clean
+    assert not spill_dir.exists()
+    assert not has_tensor_entry("stats", key_) and load_tensor_entry("stats", key_) is None
+
+
+def test_budget_setting_config_then_environment_then_20(monkeypatch):
+    assert cache_budget.resolve_max_gb(None) == (20.0, "default")
+    monkeypatch.setenv(cache_budget.ENV_MAX_GB, "0.5")
+    assert cache_budget.resolve_max_gb(None) == (0.5, cache_budget.ENV_MAX_GB)
+    assert cache_budget.resolve_max_gb(3) == (3.0, "cache.max_gb")
+    assert cache_budget.install_budget(None).budget == 0.5e9
+    for bad in ("abc", "0", "-1", "nan"):
+        monkeypatch.setenv(cache_budget.ENV_MAX_GB, bad)
+        with pytest.raises(ConfigError, match=cache_budget.ENV_MAX_GB):
+            cache_budget.resolve_max_gb(None)
+
+
+def test_cache_root_is_the_loaders_cache_dir(monkeypatch, tmp_path):
+    from svdexp.models.loading import cache_dir
+
+    assert cache_budget.cache_root() == cache_dir()
+    monkeypatch.delenv("SVDEXP_CACHE")
+    assert cache_budget.cache_root() == cache_dir()
+
+
+def test_a_disk_full_write_is_skipped_once_with_no_temporary_file(cache, caplog):
+    import errno
+
+    def full(tmp: Path) -> None:
+        tmp.write_bytes(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with caplog.at_level(logging.WARNING, logger="svdexp.cache"):
+        for name in "ab":
+            assert not cache_budget.write_entry(cache, "svd", key(name), path(cache, "svd", key(name)), 1000, full)
+    assert len([r for r in caplog.records if "no room" in r.getMessage()]) == 1
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+    def denied(tmp: Path) -> None:
+        tmp.write_bytes(b"x")
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):                               # any other error is raised, still clean
+        cache_budget.write_entry(cache, "svd", key("c"), path(cache, "svd", key("c")), 10, denied)
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+EFBIG_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))    # writes past 64 kB: EFBIG (SIGXFSZ ignored)
+    from svdexp.cache import load_json_entry, load_tensor_entry, store_json_entry, store_tensor_entry
+    big = {"x": torch.arange(100_000, dtype=torch.float64)}
+    assert not store_tensor_entry("svd", "a" * 32, big, {"model": "m"})
+    assert not store_tensor_entry("svd", "b" * 32, big, {"model": "m"})
+    assert load_tensor_entry("svd", "a" * 32) is None
+    assert not store_tensor_entry("stats", "c" * 32, big, {"model": "m"})   # kept in memory for the run
+    assert torch.equal(load_tensor_entry("stats", "c" * 32)["x"], big["x"])
+    assert store_json_entry("dense_ppl", "d" * 32, {"ppl": 1.5}, {"model": "m"})   # small: fits
+    assert load_json_entry("dense_ppl", "d" * 32) == {"ppl": 1.5}
+    print("ok")
+""")
+
+
+def test_a_real_file_size_limit_gives_one_warning_and_no_crash(cache):
+    proc = subprocess.run([sys.executable, "-c", EFBIG_SCRIPT], cwd=ROOT, env=offline_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr.count("no room to write the cache") == 1, proc.stderr
+    assert "os error 27" in proc.stderr or "File too large" in proc.stderr
+    files = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file())
+    assert files == [f"dense_ppl/{'d' * 32}.json"]                     # no entry, no temporary file
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_real_runs_without_room_equal_runs_without_cache(tmp_path):
+    """Through the real app: a budget of 4 kB, and a file-size limit (EFBIG) below the statistics' size, each
+    give one warning, no crash, no temporary file, and the results of `calib.cache=false calib.cache_svd=false`."""
+    def app(name: str, *args: str, preexec=None) -> tuple[subprocess.CompletedProcess, dict]:
+        env = offline_env()
+        env["SVDEXP_CACHE"] = str(tmp_path / f"cache_{name}")
+        env.pop(cache_budget.ENV_MAX_GB, None)
+        # solver=svd: its per-layer statistics (H of every site, ~300 kB) are what passes the file-size limit below
+        cmd = [sys.executable, "-m", "svdexp.app", *TINY, "method=svd_llm", "method.solver=svd", *args,
+               f"hydra.run.dir={tmp_path / name}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                              preexec_fn=preexec)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc, read_results(tmp_path / name)
+
+    _, reference = app("reference", "calib.cache=false", "calib.cache_svd=false")
+    budget_proc, budget = app("budget", "cache.max_gb=0.000004")
+    # 160 kB: results.json, the plot and Hydra's files fit; the per-layer statistics (~300 kB) do not
+    efbig_proc, efbig = app("efbig", preexec=_limit_file_size(160 * 1024))
+    for proc, results, message in ((budget_proc, budget, "cache budget of 4e-06 GB"),
+                                   (efbig_proc, efbig, "no room to write the cache")):
+        output = proc.stdout + proc.stderr
+        assert output.count(message) == 1, output[-3000:]
+        assert results["metrics"]["ppl"] == reference["metrics"]["ppl"]
+        assert results["compression"]["ranks"] == reference["compression"]["ranks"]
+        assert results["compression"]["layer_keep"] == reference["compression"]["layer_keep"]
+    for name in ("budget", "efbig"):
+        assert not list((tmp_path / f"cache_{name}").rglob(".*")), name   # no temporary file left
+    used = sum(p.stat().st_size for p in (tmp_path / "cache_budget").rglob("*") if p.is_file())
+    assert used <= 4000 + 200                                          # entries within 4 kB (+ models.json)
+
+
+WRITER = textwrap.dedent("""
+    import sys, time, torch
+    from svdexp.cache import store_tensor_entry
+    value, start = float(sys.argv[1]), float(sys.argv[2])
+    x = torch.full((1_000_000,), value, dtype=torch.float64)             # 8 MB: writes overlap
+    while time.time() < start:
+        time.sleep(0.005)
+    for i in range(12):
+        assert store_tensor_entry("svd", "e" * 32, {"x": x}, {"model": "m", "writer": value})
+""")
+
+
+def test_two_processes_writing_the_same_key_leave_one_valid_entry(cache):
+    start = time.time() + 8          # both import torch first, then write at once
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(value), str(start)], cwd=ROOT, env=offline_env(),
+                                stderr=subprocess.PIPE, text=True) for value in (1.0, 2.0)]
+    reads = 0
+    while any(w.poll() is None for w in writers):
+        entry = load_tensor_entry("svd", "e" * 32)       # never half of one file, never a mix of two
+        if entry is not None:
+            reads += 1
+            x = entry["x"]
+            assert x.numel() == 1_000_000 and float(x[0]) in (1.0, 2.0) and bool((x == x[0]).all())
+        time.sleep(0.01)
+    for w in writers:
+        assert w.wait() == 0, w.stderr.read()[-3000:]
+    assert reads > 0
+    files = [p.name for p in (cache / "svd").iterdir()]
+    assert files == ["e" * 32 + ".safetensors"]                        # one entry, no temporary file
+    # the next job finds it
+    probe = subprocess.run([sys.executable, "-c", "from svdexp.cache import load_tensor_entry; "
+                            "e = load_tensor_entry('svd', 'e' * 32); print(float(e['x'][-1]))"],
+                           cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0 and probe.stdout.strip() in ("1.0", "2.0"), probe.stderr[-2000:]
