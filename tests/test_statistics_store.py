@@ -30,12 +30,13 @@ def setup_run(*overrides: str):
     return cfg, model, adapter, ids
 
 
-@pytest.mark.parametrize("method", ["svd_llm", "asvd"])
-def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,solver", [("svd_llm", "svd"), ("svd_llm", "auto"), ("asvd", "svd")])
+def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, monkeypatch, method, solver):
     monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
     peaks = {}
     for depth in (4, 32):
-        cfg, model, adapter, ids = setup_run(f"method={method}", "ratio=0.4", "allocation=adacr",
+        cfg, model, adapter, ids = setup_run(f"method={method}", f"method.solver={solver}", "ratio=0.4",
+                                             "allocation=adacr",
                                              f"model.tiny.num_hidden_layers={depth}", "calib.cache=false")
         options = OmegaConf.to_container(cfg.method, resolve=True)
         plan = StatsPlan.for_run(METHODS[method], "original", "adacr", options)
@@ -51,10 +52,12 @@ def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, mon
                            cfg.calib.batch_size, device, cfg.seed)
             assert store.held_bytes == 0
             peaks[depth] = (calibration_peak, store.peak_bytes)
-    # one layer's statistics, float64 per input site of width n: svd_llm's H (n x n), asvd's abs_mean (n)
-    widths = {"attn_in": 64, "attn_out": 64, "mlp_in": 64, "mlp_out": 160}
-    one_layer = sum(8 * (n * n if method == "svd_llm" else n) for n in widths.values())
-    assert peaks[4] == peaks[32] == (one_layer, one_layer)
+    assert peaks[4] == peaks[32] and min(peaks[4]) > 0
+    if solver == "svd":
+        # one layer's statistics, float64 per input site of width n: svd_llm's H (n x n), asvd's abs_mean (n)
+        widths = {"attn_in": 64, "attn_out": 64, "mlp_in": 64, "mlp_out": 160}
+        one_layer = sum(8 * (n * n if method == "svd_llm" else n) for n in widths.values())
+        assert peaks[4] == (one_layer, one_layer)
 
 
 def test_store_answers_one_layer_and_keeps_scalars_in_memory(tmp_path):

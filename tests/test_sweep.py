@@ -29,12 +29,13 @@ def test_statistics_are_cached_shared_and_rebuilt_when_corrupt(tmp_path):
     first = run(["method=svd_llm"], tmp_path / "a", cache)
     assert first.returncode == 0, first.stderr[-3000:]
     a = read_results(tmp_path / "a")
-    assert "H" in a["compression"]["statistics"]["computed"]
+    # svd_llm with solver=auto: the output Grams of the wide matrices, H only at the sites of tall ones
+    assert {"C_out", "H_tall"} <= set(a["compression"]["statistics"]["computed"])
     # the same statistics serve another ratio and another policy: nothing recomputed
     second = run(["method=svd_llm", "ratio=0.4", "allocation=adacr"], tmp_path / "b", cache)
     assert second.returncode == 0, second.stderr[-3000:]
     b = read_results(tmp_path / "b")
-    assert b["compression"]["statistics"] == {"cached": ["H", "cosine"], "computed": []}
+    assert b["compression"]["statistics"] == {"cached": ["C_out", "H_tall", "cosine"], "computed": []}
     # corrupt every entry's data bytes: detected (content digest), rebuilt, never used
     entries = sorted((cache / "stats").glob("*.safetensors"))
     assert entries
@@ -45,11 +46,11 @@ def test_statistics_are_cached_shared_and_rebuilt_when_corrupt(tmp_path):
     third = run(["method=svd_llm"], tmp_path / "c", cache)
     assert third.returncode == 0, third.stderr[-3000:]
     c = read_results(tmp_path / "c")
-    assert "H" in c["compression"]["statistics"]["computed"]
+    assert {"C_out", "H_tall"} <= set(c["compression"]["statistics"]["computed"])
     assert c["metrics"]["ppl"] == a["metrics"]["ppl"]
     # and without the cache, everything is computed again
     fourth = run(["method=svd_llm", "calib.cache=false"], tmp_path / "d", cache)
-    assert read_results(tmp_path / "d")["compression"]["statistics"] == {"cached": [], "computed": ["H"]}
+    assert read_results(tmp_path / "d")["compression"]["statistics"] == {"cached": [], "computed": ["C_out", "H_tall"]}
 
 
 SWEEP = """
