@@ -24,41 +24,15 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, compose_config, maxrss_bytes, proc_status, reset_peak_rss, timed, write_results
 
 GB = 1e9
-
-
-def proc_status() -> dict[str, float]:
-    """``VmRSS`` (now) and ``VmHWM`` (peak since the last reset), in GB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024 / GB
-    return out
-
-
-def reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def maxrss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 
 def live_tensor_bytes() -> float:
@@ -102,16 +76,14 @@ def malloc_free_gb() -> float:
 class Stages:
     def __init__(self) -> None:
         self.rows: list[dict] = []
-        self.can_reset = reset_peak()
+        self.can_reset = reset_peak_rss()
 
     def run(self, name: str, fn):
-        reset_peak()
-        t0 = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - t0
-        status = proc_status()
+        reset_peak_rss()
+        out, seconds = timed(fn)
+        status = {key: value / GB for key, value in proc_status().items()}
         # getrusage's maxrss is reset with VmHWM: the peak so far is the largest stage peak
-        stage_peak = status["VmHWM"] if self.can_reset else maxrss_gb()
+        stage_peak = status["VmHWM"] if self.can_reset else maxrss_bytes() / GB
         row = {"stage": name, "seconds": round(seconds, 2), "rss": status["VmRSS"], "rss_anon": status["RssAnon"],
                "rss_file": status["RssFile"], "stage_peak": stage_peak,
                "peak_so_far": max([stage_peak, *(r["peak_so_far"] for r in self.rows)])}
@@ -149,13 +121,9 @@ def main() -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from hydra import compose, initialize_config_dir
-
-    from svdexp.app import CONFIG_DIR
     from svdexp.models.loading import cache_dir
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", *overrides])
+    cfg = compose_config(overrides)
     conversion = convert_once(cfg)
     fresh = Path(tempfile.mkdtemp(prefix="svdexp-memory-"))
     (fresh / "models").symlink_to(cache_dir() / "models")
@@ -167,57 +135,34 @@ def main() -> dict:
 
 
 def measure(cfg, torch, conversion: dict | None) -> dict:
-    from omegaconf import OmegaConf
-
-    from svdexp.allocation import allocate
-    from svdexp.cache import SVDCache, model_fingerprint
-    from svdexp.compress import StatsPlan, compress_model, target_shapes
-    from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
-    from svdexp.methods import METHODS
+    from svdexp.cache import SVDCache
+    from svdexp.compress import compress_model, target_shapes
     from svdexp.methods.linalg import svd_provider
-    from svdexp.models import adapter_for, load_model
-    from svdexp.runner import _evaluate_ppl, _original_statistics, _statistics_store
+    from svdexp.models import load_model
+    from svdexp.runner import _allocate, _context, _evaluate_ppl, _tokens
+    from svdexp.statistics import RunStatistics, StatsPlan
 
-    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    method = METHODS[cfg.method.name]
-    options = OmegaConf.to_container(cfg.method, resolve=True)
-
     stages = Stages()
     stages.run("imports", lambda: None)
     model, tokenizer = stages.run("load_model", lambda: load_model(cfg.model, cfg.dtype, cfg.seed))
-    adapter = adapter_for(model.config.model_type)
     weights = sum(p.numel() for p in model.parameters()) * 4 / GB       # float32 bytes, tied weights once
-
-    def data():
-        eval_sets = {name: eval_chunks(tokenize_text(tokenizer, load_text(name, "test")), cfg.eval.ppl.seq_len,
-                                       cfg.eval.ppl.max_chunks) for name in cfg.eval.ppl.datasets}
-        ids = calibration_batch(tokenize_text(tokenizer, load_text(cfg.calib.dataset, "train")),
-                                cfg.calib.num_samples, cfg.calib.seq_len, cfg.seed)
-        return eval_sets, ids
-
-    eval_sets, calib_ids = stages.run("data", data)
-    shapes = target_shapes(model, adapter)
-    fingerprint = stages.run("fingerprint", lambda: model_fingerprint(model))
-    plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name, options)
-    store = _statistics_store(cfg, fingerprint, options, calib_ids, device, len(shapes))
-    fisher, _ = stages.run("calibration", lambda: _original_statistics(cfg, model, adapter, plan, options,
-                                                                       calib_ids, device, store))
+    eval_sets, calib_ids = stages.run("data", lambda: _tokens(cfg, tokenizer))
+    # the run's context: its only heavy work is the weights' fingerprint
+    ctx = stages.run("fingerprint", lambda: _context(cfg, model, tokenizer, eval_sets, calib_ids))
+    shapes = target_shapes(model, ctx.adapter)
+    stats = RunStatistics(ctx, StatsPlan.for_run(ctx.method, cfg.method.propagate, cfg.allocation.name, ctx.options))
+    stages.run("calibration", stats.prepare)
 
     def compression():
-        importances = [1.0 - c for c in store.scalars["cosine"]] if "cosine" in plan.original else None
-        alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, OmegaConf.to_container(cfg.allocation, resolve=True),
-                         importances)
-        svds = SVDCache(fingerprint, device.type) if cfg.calib.cache_svd and cfg.method.propagate == "original" \
-            else None
+        svds = SVDCache(ctx.fingerprint, ctx.device.type) if ctx.svd_cache else None
         with svd_provider(svds):
-            compress_model(model, adapter, method, options, alloc.ranks, plan, store if plan.original else None,
-                           fisher, calib_ids, cfg.calib.batch_size, device, cfg.seed)
+            compress_model(ctx, stats, _allocate(cfg, ctx, stats, shapes).ranks)
 
     stages.run("compression", compression)
-    statistics_peak = store.peak_bytes / GB
-    store.close()
-    ppl = stages.run("evaluation", lambda: _evaluate_ppl(model, eval_sets, cfg, device, "compressed"))
+    statistics_peak = stats.store.peak_bytes / GB
+    stats.close()
+    ppl = stages.run("evaluation", lambda: _evaluate_ppl(cfg, ctx, "compressed"))
 
     # one layer's calibration activations: its inputs and outputs, float32 (the dtype of the run)
     hidden = model.config.hidden_size * calib_ids.numel() * torch.finfo(getattr(torch, cfg.dtype)).bits // 8 / GB
@@ -235,9 +180,7 @@ def measure(cfg, torch, conversion: dict | None) -> dict:
         "stages": stages.rows,
         "ppl": {name: r["ppl"] for name, r in ppl.items()},
     }
-    out = ROOT / "benchmarks" / "results" / "memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_results("memory", result)
     print(json.dumps({k: result[k] for k in ("gb", "peak_over_goal", "conversion")}, indent=2))
     return result
 

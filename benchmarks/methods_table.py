@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, run_app, write_results
+
 SWEEP_DIR = ROOT / "outputs" / "sweeps" / "methods_table"
-OUT_DIR = ROOT / "benchmarks" / "results"
 RATIOS = (0.2, 0.4, 0.6)
 
 # table label -> Hydra overrides (conf/method/*.yaml carry the papers' defaults)
@@ -70,13 +68,10 @@ def run_cell(label: str, ratio: float, overrides: list[str]) -> None:
     path = run_dir(label, ratio)
     path.mkdir(parents=True, exist_ok=True)
     # caches off: every cell computes its own statistics and SVDs, so its seconds are the method's full cost
-    cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), *overrides, "logger=none", "calib.cache=false",
-           "calib.cache_svd=false", f"hydra.run.dir={path}"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TQDM_DISABLE="1")
+    args = [*overrides, "logger=none", "calib.cache=false", "calib.cache_svd=false", f"hydra.run.dir={path}"]
     t0 = time.perf_counter()
-    with open(path / "run.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    print(f"{label} ratio={ratio}: rc={rc} in {time.perf_counter() - t0:.0f} s  ({' '.join(cmd[1:])})", flush=True)
+    rc = run_app(args, log=path / "run.log", check=False).returncode
+    print(f"{label} ratio={ratio}: rc={rc} in {time.perf_counter() - t0:.0f} s  ({' '.join(args)})", flush=True)
 
 
 def _fmt(x: float | None) -> str:
@@ -107,8 +102,6 @@ def collect() -> list[dict]:
 
 def write_table(records: list[dict]) -> None:
     """``methods_table.json`` (the records) and ``methods_table.md`` (wiki / news ppl and seconds)."""
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "methods_table.json").write_text(json.dumps(records, indent=2) + "\n")
     by = {(r["method"], r["ratio"]): r for r in records}
     header = "| method | " + " | ".join(f"{int(r * 100)} %: wiki / news ppl (s)" for r in RATIOS) + " |"
     lines = ["Perplexity of SmolLM2-135M-Instruct (fp32, CPU) on wiki / news test (64 chunks x 512 tokens), "
@@ -131,7 +124,7 @@ def write_table(records: list[dict]) -> None:
     if achieved:
         lines += ["", "Achieved ratio over the targeted matrices: "
                   + ", ".join(f"{a:.4f} at {int(t * 100)} %" for t, a in sorted(achieved.items())) + "."]
-    (OUT_DIR / "methods_table.md").write_text("\n".join(lines) + "\n")
+    write_results("methods_table", records, "\n".join(lines))
 
 
 def main() -> None:
@@ -147,7 +140,7 @@ def main() -> None:
                 run_cell(label, ratio, overrides)
                 write_table(collect())
     write_table(collect())
-    print((OUT_DIR / "methods_table.md").read_text())
+    print((RESULTS / "methods_table.md").read_text())
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import run_app, timed, write_results
 
 from svdexp.models.loading import cache_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["method=svd,svd_llm", "ratio=0.2,0.4", "logger=none", "eval.ppl.max_chunks=8"]
 
 
@@ -31,15 +30,13 @@ def sweep(launcher: list[str], extra: list[str]) -> dict:
         (tmp / "cache" / "models").mkdir(parents=True)
         for model in (cache_dir() / "models").iterdir():
             (tmp / "cache" / "models" / model.name).symlink_to(model)
-        env = {**os.environ, "SVDEXP_CACHE": str(tmp / "cache"), "TQDM_DISABLE": "1"}
-        cmd = [sys.executable, "-m", "svdexp.app", "-m", *SWEEP, *launcher, *extra, f"hydra.sweep.dir={tmp / 'out'}"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
+        _, wall = timed(lambda: run_app(["-m", *SWEEP, *launcher, *extra, f"hydra.sweep.dir={tmp / 'out'}"],
+                                        cache=tmp / "cache"))
         jobs = {}
         for f in sorted((tmp / "out").rglob("results.json")):
             r = json.loads(f.read_text())
-            jobs[f.parent.name] = {"threads": r["threads"], "compression_seconds": round(r["compression"]["seconds"], 1)}
+            jobs[f.parent.name] = {"threads": r["threads"],
+                                   "compression_seconds": round(r["compression"]["seconds"], 1)}
     return {"wall_seconds": round(wall, 1), "jobs": jobs}
 
 
@@ -48,8 +45,7 @@ def main(extra: list[str]) -> None:
            "sequential": sweep([], extra),
            "parallel": sweep(["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], extra)}
     out["parallel_over_sequential"] = out["parallel"]["wall_seconds"] / out["sequential"]["wall_seconds"]
-    path = ROOT / "benchmarks" / "results" / "parallel.json"
-    path.write_text(json.dumps(out, indent=2))
+    write_results("parallel", out)
     print(json.dumps(out, indent=2))
 
 

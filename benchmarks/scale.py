@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results"
+from common import ROOT, maxrss_bytes, timed, write_results
+
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
             "num_key_value_heads": 32, "num_hidden_layers": 1, "vocab_size": 256, "max_position_embeddings": 2048}
 LAYERS_7B, PAPER_TOKENS = 32, 256 * 2048
@@ -42,40 +40,35 @@ def one_solver(solver: str, method_name: str, samples: int, seq_len: int) -> dic
 
     from svdexp.allocation import allocate
     from svdexp.cache import SVDCache
-    from svdexp.calibration import collect_statistics
-    from svdexp.compress import StatsPlan, compress_model, target_shapes
+    from svdexp.compress import compress_model, target_shapes
+    from svdexp.context import RunContext
     from svdexp.methods import METHODS
     from svdexp.methods.linalg import svd_provider
     from svdexp.models import adapter_for
-    from svdexp.statistics import LayerStatsStore
+    from svdexp.statistics import RunStatistics, StatsPlan
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **LLAMA_7B), dtype=torch.float32).eval()
-    adapter = adapter_for("llama")
     ids = torch.randint(0, LLAMA_7B["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(0))
     method = METHODS[method_name]
     options = {"name": method_name, "propagate": "original", "solver": solver, "damping": 1e-6, "update": "none"}
+    ctx = RunContext(model, adapter_for("llama"), method, options, ids, batch_size=8, device=torch.device("cpu"),
+                     seed=0, fingerprint=f"scale-benchmark-{solver}")
     plan = StatsPlan.for_run(method, "original", "uniform", options)
-    shapes = target_shapes(model, adapter)
-    cpu = torch.device("cpu")
+    shapes = target_shapes(model, ctx.adapter)
     with tempfile.TemporaryDirectory() as cache:
-        os.environ["SVDEXP_CACHE"] = cache
-        store = LayerStatsStore({"benchmark": "scale", "solver": solver}, 1, Path(cache))
-        t0 = time.perf_counter()
-        collect_statistics(model, adapter, ids, plan.original, 8, cpu, on_layer=lambda i, s: store.put(i, s, plan.original))
-        t_stats = time.perf_counter() - t0
-        stats_bytes = dir_bytes(Path(cache))
-        alloc = allocate("uniform", 0.2, shapes, {"name": "uniform"})
-        t1 = time.perf_counter()
-        with svd_provider(SVDCache("scale-benchmark", "cpu")):
-            compress_model(model, adapter, method, options, alloc.ranks, plan, store, None, ids, 8, cpu, 0)
-        t_decomp = time.perf_counter() - t1
-        svd_bytes = dir_bytes(Path(cache)) - stats_bytes
-        store.close()
+        os.environ["SVDEXP_CACHE"] = cache          # the SVD cache's files
+        # the run's own statistics, in a private store (ctx.stats_cache is None): only those the plan needs
+        with RunStatistics(ctx, plan) as stats:
+            _, t_stats = timed(stats.prepare)
+            stats_bytes = dir_bytes(stats.store.root)
+            alloc = allocate("uniform", 0.2, shapes, {"name": "uniform"})
+            with svd_provider(SVDCache("scale-benchmark", "cpu")):
+                _, t_decomp = timed(lambda: compress_model(ctx, stats, alloc.ranks))
+        svd_bytes = dir_bytes(Path(cache))
     return {"solver": solver, "statistics": sorted(plan.original), "statistics_seconds": t_stats,
             "decomposition_seconds": t_decomp, "statistics_bytes": stats_bytes, "svd_cache_bytes": svd_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "threads": torch.get_num_threads(), "tokens": samples * seq_len}
+            "peak_rss_bytes": maxrss_bytes(), "threads": torch.get_num_threads(), "tokens": samples * seq_len}
 
 
 def flops(solver: str, tokens: int) -> dict:
@@ -130,9 +123,7 @@ def main() -> None:
         print(json.dumps(r, indent=2), flush=True)
     out = {"command": " ".join(["benchmarks/scale.py", *sys.argv[1:]]), "method": args.method, "gpu": GPU,
            "results": results}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "scale.json").write_text(json.dumps(out, indent=2))
-    (OUT / "scale.md").write_text(markdown(out))
+    write_results("scale", out, markdown(out))
     print(markdown(out))
 
 

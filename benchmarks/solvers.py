@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results"
+from common import run_app, write_results
+
 METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "svd_llm_closed_form", "adasvd", "ressvd"]
 SOLVERS = ["svd", "auto"]
+THREADS = ["threads=1"]   # one torch thread: timings that another process on the second core cannot disturb
 
 
 def run(overrides: list[str]) -> dict:
     """One `svdexp` run in a fresh run directory; its results.json."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "svdexp.app", "logger=none", *overrides, f"hydra.run.dir={tmp}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        run_app(["logger=none", *THREADS, *overrides, f"hydra.run.dir={tmp}"])
         return json.loads((Path(tmp) / "results.json").read_text())
 
 
@@ -61,15 +58,13 @@ def main() -> None:
                 r = run(["method=svd_llm", f"method.solver={solver}", f"ratio={ratio}"])
                 out["ppl"].setdefault(ratio, {})[solver] = r["metrics"]["ppl"]
                 print("svd_llm", ratio, solver, r["metrics"]["ppl"], flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "solvers.json").write_text(json.dumps(out, indent=2))
-    (OUT / "solvers.md").write_text(markdown(out))
+    write_results("solvers", out, markdown(out))
     print(markdown(out))
 
 
 def markdown(out: dict) -> str:
     lines = [f"Measured by `.venv/bin/python {out['command']}` (SmolLM2-135M, 32 x 512 calibration tokens, "
-             "ratio 0.2, SVD cache off).", "",
+             "ratio 0.2, SVD cache off, one torch thread).", "",
              "| method | decomposition, solver=svd (s) | solver=auto (s) | speed-up |", "|---|---|---|---|"]
     for method, t in out["decomposition"].items():
         lines.append(f"| {method} | {t['svd']:.1f} | {t['auto']:.1f} | {t['svd'] / t['auto']:.2f}x |")

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from svdexp.models.loading import cache_dir
+from common import run_app, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
+from svdexp.models.loading import cache_dir
 
 
 def compression_seconds(out: Path) -> dict:
@@ -39,11 +37,6 @@ def compression_seconds(out: Path) -> dict:
                                "statistics_computed": c["statistics"]["computed"], "svd_cache": c.get("svd_cache")}
     return {"jobs": len(jobs), "calibration": calib, "decomposition": decomp, "total": calib + decomp,
             "per_job": jobs}
-
-
-def run(cmd: list[str], cache: Path) -> None:
-    env = {**os.environ, "SVDEXP_CACHE": str(cache), "TQDM_DISABLE": "1"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
 def main() -> dict:
@@ -63,11 +56,12 @@ def main() -> dict:
         out = base_cache / f"out_{label}"
         chunks = args.sweep_chunks if label == "sweep_cached" else 2
         fast_eval = ["logger=none", f"eval.ppl.max_chunks={chunks}", "eval.cache_dense=false"]
+        log = base_cache / f"{label}.log"      # the run's output (tail -f it while it runs)
         if overrides is None:
-            run([sys.executable, "-m", "svdexp.app", *fast_eval, *extra, f"hydra.run.dir={out}"], cache)
+            run_app([*fast_eval, *extra, f"hydra.run.dir={out}"], log, cache)
         else:
-            run([sys.executable, "-m", "svdexp.sweep", "svd_llm_table1", *fast_eval, *overrides, *extra,
-                 f"hydra.sweep.dir={out}"], cache)
+            run_app(["svd_llm_table1", *fast_eval, *overrides, *extra, f"hydra.sweep.dir={out}"], log, cache,
+                    module="svdexp.sweep")
         results[label] = compression_seconds(out)
         if label == "sweep_cached" and args.keep is not None:
             shutil.copytree(out, args.keep, dirs_exist_ok=True)
@@ -77,9 +71,7 @@ def main() -> dict:
     results["sweep_uncached_over_single"] = results["sweep_uncached"]["total"] / single
     results["calibration_cached_over_uncached"] = (results["sweep_cached"]["calibration"]
                                                    / results["sweep_uncached"]["calibration"])
-    path = ROOT / "benchmarks" / "results" / "sweep.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_results("sweep", results)
     shutil.rmtree(base_cache)          # GBs of statistics and decompositions (the model folder is a link)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2))
     return results

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zeroshot_dense import OUT_DIR, ROOT, TASKS, subset_name  # noqa: E402
+from common import RESULTS, ROOT, run_app, write_results
+from zeroshot_dense import TASKS, subset_name
 
-from svdexp.tracking import read_results  # noqa: E402
+from svdexp.tracking import read_results
 
 
 def run_dir(ratio: float, limit: int | None, tasks: list[str], dtype: str) -> Path:
@@ -45,15 +43,12 @@ def run(ratio: float, limit: int | None, batch_size: int, tasks: list[str], dtyp
         return done
     path = run_dir(ratio, limit, tasks, dtype)
     path.mkdir(parents=True, exist_ok=True)
-    cmd = [str(ROOT / ".venv" / "bin" / "svdexp"), "method=svd_llm", f"ratio={ratio}", "logger=none",
-           f"eval.zeroshot.tasks=[{','.join(tasks)}]", f"eval.zeroshot.limit={'null' if limit is None else limit}",
-           f"eval.zeroshot.batch_size={batch_size}", f"eval.zeroshot.dtype={dtype}", f"hydra.run.dir={path}"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               WANDB_MODE="disabled", TQDM_DISABLE="1")
+    args = ["method=svd_llm", f"ratio={ratio}", "logger=none", f"eval.zeroshot.tasks=[{','.join(tasks)}]",
+            f"eval.zeroshot.limit={'null' if limit is None else limit}", f"eval.zeroshot.batch_size={batch_size}",
+            f"eval.zeroshot.dtype={dtype}", f"hydra.run.dir={path}"]
     t0 = time.perf_counter()
-    with open(path / "run.log", "w") as log:
-        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    print(f"ratio {ratio}: {time.perf_counter() - t0:.0f} s ({' '.join(cmd[1:])})", flush=True)
+    run_app(args, log=path / "run.log")
+    print(f"ratio {ratio}: {time.perf_counter() - t0:.0f} s ({' '.join(args)})", flush=True)
     return json.loads((path / "results.json").read_text())
 
 
@@ -77,7 +72,7 @@ def same_settings(record: dict, limit: int | None, batch_size: int, tasks: list[
 
 def recorded(limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> dict[str, dict]:
     """Runs already in the results file for these settings (none if the file holds another subset)."""
-    path = OUT_DIR / f"zeroshot_compressed_{subset_name(limit, tasks, dtype)}.json"
+    path = RESULTS / f"zeroshot_compressed_{subset_name(limit, tasks, dtype)}.json"
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
@@ -86,7 +81,7 @@ def recorded(limit: int | None, batch_size: int, tasks: list[str], dtype: str) -
 
 def write(runs: dict[str, dict], limit: int | None, batch_size: int, tasks: list[str], dtype: str) -> None:
     name = subset_name(limit, tasks, dtype)
-    dense_path = OUT_DIR / f"zeroshot_dense_{name}.json"
+    dense_path = RESULTS / f"zeroshot_dense_{name}.json"
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
     if dense is not None and not same_settings(dense, limit, batch_size, tasks, dtype):
         dense = None
@@ -112,11 +107,9 @@ def write(runs: dict[str, dict], limit: int | None, batch_size: int, tasks: list
     ppl = {k: v["ppl"] for k, v in runs.items()}
     lines += ["", "Perplexity of the same compressed models (wiki / news, 64 x 512): "
               + ", ".join(f"{k}: {p['wiki']:.2f} / {p['news']:.2f}" for k, p in ppl.items()) + "."]
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / f"zeroshot_compressed_{name}.json").write_text(json.dumps(
-        {"limit": limit, "batch_size": batch_size, "tasks": tasks, "dtype": dtype,
-         "runs": runs}, indent=2) + "\n")
-    (OUT_DIR / f"zeroshot_compressed_{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(f"zeroshot_compressed_{name}",
+                  {"limit": limit, "batch_size": batch_size, "tasks": tasks, "dtype": dtype, "runs": runs},
+                  "\n".join(lines))
     print("\n".join(lines))
 
 

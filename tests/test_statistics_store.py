@@ -9,25 +9,19 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from svdexp.app import CONFIG_DIR
-from svdexp.cache import model_fingerprint
-from svdexp.compress import StatsPlan, compress_model, target_shapes
-from svdexp.data import calibration_batch, load_text, tokenize_text
+from svdexp.compress import compress_model, target_shapes
 from svdexp.methods import METHODS
-from svdexp.models import adapter_for, load_model
-from svdexp.runner import _compress, _original_statistics, _statistics_store
-from svdexp.statistics import LayerStatsStore
+from svdexp.runner import _compress, _load
+from svdexp.statistics import LayerStatsStore, RunStatistics, StatsPlan
 
 from conftest import TINY
 
 
 def setup_run(*overrides: str):
+    """The config and the run context (model, tokens, fingerprint) the runner builds for ``overrides``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*TINY, *overrides])
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.seed)
-    adapter = adapter_for(model.config.model_type)
-    ids = calibration_batch(tokenize_text(tokenizer, load_text(cfg.calib.dataset, "train")),
-                            cfg.calib.num_samples, cfg.calib.seq_len, cfg.seed)
-    return cfg, model, adapter, ids
+    return cfg, _load(cfg)
 
 
 @pytest.mark.parametrize("method,solver", [("svd_llm", "svd"), ("svd_llm", "auto"), ("asvd", "svd")])
@@ -35,21 +29,18 @@ def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, mon
     monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
     peaks = {}
     for depth in (4, 32):
-        cfg, model, adapter, ids = setup_run(f"method={method}", f"method.solver={solver}", "ratio=0.4",
-                                             "allocation=adacr",
-                                             f"model.tiny.num_hidden_layers={depth}", "calib.cache=false")
-        options = OmegaConf.to_container(cfg.method, resolve=True)
-        plan = StatsPlan.for_run(METHODS[method], "original", "adacr", options)
-        shapes = target_shapes(model, adapter)
-        device = torch.device("cpu")
-        with _statistics_store(cfg, model_fingerprint(model), options, ids, device, len(shapes)) as store:
+        cfg, ctx = setup_run(f"method={method}", f"method.solver={solver}", "ratio=0.4", "allocation=adacr",
+                             f"model.tiny.num_hidden_layers={depth}", "calib.cache=false")
+        plan = StatsPlan.for_run(METHODS[method], "original", "adacr", ctx.options)
+        shapes = target_shapes(ctx.model, ctx.adapter)
+        with RunStatistics(ctx, plan) as stats:
+            store = stats.store
             assert store.private
-            _original_statistics(cfg, model, adapter, plan, options, ids, device, store)
+            stats.prepare()
             assert store.held_bytes == 0 and len(store.scalars["cosine"]) == depth
             calibration_peak = store.peak_bytes
             ranks = {name: 8 for layer in shapes for name in layer}
-            compress_model(model, adapter, METHODS[method], options, ranks, plan, store, None, ids,
-                           cfg.calib.batch_size, device, cfg.seed)
+            compress_model(ctx, stats, ranks)
             assert store.held_bytes == 0
             peaks[depth] = (calibration_peak, store.peak_bytes)
     assert peaks[4] == peaks[32] and min(peaks[4]) > 0
@@ -96,10 +87,9 @@ def test_cache_off_and_on_give_bit_identical_factors(tmp_path, monkeypatch, over
     monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
     results = {}
     for name, cache in (("off", "false"), ("cold", "true"), ("warm", "true")):
-        cfg, model, adapter, ids = setup_run(*overrides, "ratio=0.4", f"calib.cache={cache}", "calib.cache_svd=false")
-        _, record = _compress(cfg, model, model_fingerprint(model), adapter, METHODS[cfg.method.name], ids,
-                              target_shapes(model, adapter), torch.device("cpu"))
-        results[name] = (record["statistics"], model.state_dict())
+        cfg, ctx = setup_run(*overrides, "ratio=0.4", f"calib.cache={cache}", "calib.cache_svd=false")
+        _, record = _compress(cfg, ctx, target_shapes(ctx.model, ctx.adapter))
+        results[name] = (record["statistics"], ctx.model.state_dict())
         if name == "off":      # its private directory: nothing in the shared cache
             assert not (tmp_path / "cache" / "stats").exists()
     wanted = sorted(StatsPlan.for_run(METHODS[cfg.method.name], "original", cfg.allocation.name,

@@ -25,7 +25,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 
@@ -52,34 +52,24 @@ def _validation_copy(subdir: str) -> datasets.DatasetDict:
     return datasets.DatasetDict({"validation": split})
 
 
-def load_arc_easy(**_: Any) -> datasets.DatasetDict:
-    """ARC-Easy validation split (570 questions)."""
-    return _validation_copy("ai2_arc/ARC-Easy")
+def _validation_loader(subdir: str, doc: str) -> Callable[..., datasets.DatasetDict]:
+    """A task's ``custom_dataset``: the validation split in ``hf_datasets/<subdir>``, described by ``doc``."""
+    def load(**_: Any) -> datasets.DatasetDict:
+        return _validation_copy(subdir)
+
+    load.__doc__ = doc
+    return load
 
 
-def load_arc_challenge(**_: Any) -> datasets.DatasetDict:
-    """ARC-Challenge validation split (299 questions)."""
-    return _validation_copy("ai2_arc/ARC-Challenge")
-
-
-def load_piqa(**_: Any) -> datasets.DatasetDict:
-    """PIQA validation split (1838 goals, label 0/1)."""
-    return _validation_copy("piqa/plain_text")
-
-
-def load_hellaswag(**_: Any) -> datasets.DatasetDict:
-    """HellaSwag validation split (10042 contexts, raw; see ``hellaswag_process_docs``)."""
-    return _validation_copy("hellaswag/none")
-
-
-def load_winogrande(**_: Any) -> datasets.DatasetDict:
-    """WinoGrande (xl configuration) validation split (1267 sentences)."""
-    return _validation_copy("winogrande/winogrande_xl")
-
-
-def load_openbookqa(**_: Any) -> datasets.DatasetDict:
-    """OpenBookQA (main configuration) validation split (500 questions)."""
-    return _validation_copy("openbookqa/main")
+load_arc_easy = _validation_loader("ai2_arc/ARC-Easy", "ARC-Easy validation split (570 questions).")
+load_arc_challenge = _validation_loader("ai2_arc/ARC-Challenge", "ARC-Challenge validation split (299 questions).")
+load_piqa = _validation_loader("piqa/plain_text", "PIQA validation split (1838 goals, label 0/1).")
+load_hellaswag = _validation_loader(
+    "hellaswag/none", "HellaSwag validation split (10042 contexts, raw; see ``hellaswag_process_docs``).")
+load_winogrande = _validation_loader(
+    "winogrande/winogrande_xl", "WinoGrande (xl configuration) validation split (1267 sentences).")
+load_openbookqa = _validation_loader(
+    "openbookqa/main", "OpenBookQA (main configuration) validation split (500 questions).")
 
 
 def load_boolq(**_: Any) -> datasets.DatasetDict:

@@ -1,0 +1,140 @@
+"""What the benchmark scripts share: the repository's paths, the composed config and the loaded run, timing, the
+process's memory, the real app run in a child process, and writing results.
+
+Every script imports it as ``from common import ...`` (a script's folder is first on ``sys.path``). Importing it
+loads nothing but the standard library, so that a memory measurement starts from a bare interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+T = TypeVar("T")
+
+
+# -- config and model --------------------------------------------------------------------------------------
+
+
+def compose_config(overrides: list[str]):
+    """The app's config for ``overrides`` (W&B off), as ``svdexp`` would compose it."""
+    from hydra import compose, initialize_config_dir
+
+    from svdexp.app import CONFIG_DIR   # registers the schema
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=["logger=none", *overrides])
+
+
+def load_run(cfg):
+    """The run's context as the runner builds it: the model, its evaluation and calibration tokens, its weights'
+    fingerprint (:class:`svdexp.context.RunContext`)."""
+    from svdexp.runner import _load
+
+    return _load(cfg)
+
+
+# -- time ----------------------------------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read after it counts that work."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device=None) -> tuple[T, float]:
+    """``fn()`` and its wall seconds (the device synchronised before and after)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+# -- memory --------------------------------------------------------------------------------------------------
+
+
+def proc_status() -> dict[str, int]:
+    """This process's resident memory in bytes from ``/proc/self/status`` (Linux): ``VmRSS`` (now), ``VmHWM``
+    (peak since the last :func:`reset_peak_rss`), ``RssAnon``, ``RssFile``; empty where there is no /proc."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (``VmHWM``) to the current RSS (Linux >= 4.0); False
+    where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def maxrss_bytes() -> int:
+    """``getrusage``'s peak resident set of this process (KiB on Linux), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- the app in a child process -------------------------------------------------------------------------------
+
+
+def app_env(cache: Path | None = None) -> dict[str, str]:
+    """The environment of a benchmark's app runs: offline, W&B and progress bars off; ``cache`` as
+    ``$SVDEXP_CACHE`` when given."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               WANDB_MODE="disabled", TQDM_DISABLE="1")
+    if cache is not None:
+        env["SVDEXP_CACHE"] = str(cache)
+    return env
+
+
+def run_app(args: list[str], log: Path | None = None, cache: Path | None = None, module: str = "svdexp.app",
+            check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` from the repository root (``svdexp.sweep`` for a sweep), its output into
+    ``log`` or captured; with ``check``, a failure raises with the end of that output."""
+    cmd = [sys.executable, "-m", module, *args]
+    if log is None:
+        proc = subprocess.run(cmd, cwd=ROOT, env=app_env(cache), capture_output=True, text=True)
+        tail = proc.stderr[-3000:]
+    else:
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, cwd=ROOT, env=app_env(cache), stdout=fh, stderr=subprocess.STDOUT)
+        tail = Path(log).read_text()[-3000:]
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
+    return proc
+
+
+# -- results -------------------------------------------------------------------------------------------------
+
+
+def write_results(name: str, data: Any, markdown: str | None = None, out: Path = RESULTS) -> Path:
+    """``out/<name>.json`` (and ``out/<name>.md`` with ``markdown``); returns the JSON's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    if markdown is not None:
+        (out / f"{name}.md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    return path

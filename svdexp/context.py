@@ -1,0 +1,52 @@
+"""What one run's steps share: the model, the method, the calibration tokens and where the caches are.
+
+:func:`svdexp.runner.run` builds one :class:`RunContext` after loading and hands it down, so that calibration
+(:mod:`svdexp.calibration`), the statistics (:mod:`svdexp.statistics`), compression (:mod:`svdexp.compress`) and
+evaluation read the same values from one place instead of long lists of arguments. It is frozen: a step that needs
+a variant (ResSVD's K search compresses copies of the model) makes one with :func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdexp.methods import Method
+from svdexp.models.adapters import Adapter
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The dense model of a run and how it is calibrated and compressed."""
+    model: nn.Module
+    adapter: Adapter
+    method: Method
+    options: dict[str, Any]                 # the method's config (``cfg.method``, resolved)
+    calib_ids: torch.Tensor | None          # calibration token ids (samples x seq_len); None when not compressing
+    batch_size: int                         # calib.batch_size
+    device: torch.device
+    seed: int
+    dtype: str = "float32"                  # the model's dtype, a part of every cache key
+    fingerprint: str = ""                   # hash of the dense weights: the key of every cache entry of this model
+    stats_cache: Path | None = None         # the shared statistics cache (calib.cache); None: a private directory
+    svd_cache: bool = False                 # share decompositions across ratios (calib.cache_svd)
+    tokenizer: Any = None
+    eval_sets: dict[str, torch.Tensor] = field(default_factory=dict)   # dataset -> perplexity chunks
+
+    @property
+    def propagate(self) -> str:
+        """Where the statistics come from: ``original`` (the dense model) or ``compressed`` (the prefix)."""
+        return self.options.get("propagate", "original")
+
+    @property
+    def num_groups(self) -> int:
+        """AdaSVD's stack-of-batch groups (0: none)."""
+        return int(self.options.get("groups") or 0)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers(self.model))
