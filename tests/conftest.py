@@ -41,3 +41,16 @@ def svdexp_run(tmp_path):
         run_dir = tmp_path / "run"
         return run_svdexp(list(args), run_dir, timeout), run_dir
     return _run
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty $SVDEXP_CACHE with the default budget and a fresh run state, dropped afterwards."""
+    from svdexp import cache_budget
+
+    monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cache_budget.ENV_MAX_GB, raising=False)
+    cache_budget.install_budget()
+    yield tmp_path / "cache"
+    cache_budget._RUN.close()
+    cache_budget._RUN = None

@@ -27,14 +27,8 @@ ENTRY = 100_000          # bytes of tensor data per test entry (+ ~300 bytes of 
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """A fresh cache folder and a fresh run state; the process's state is dropped afterwards."""
-    monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(cache_budget.ENV_MAX_GB, raising=False)
-    cache_budget.install_budget()
-    yield tmp_path / "cache"
-    cache_budget._RUN.close()
-    cache_budget._RUN = None
+def cache(fresh_cache):
+    return fresh_cache
 
 
 def tensors(value: float) -> dict[str, torch.Tensor]:

@@ -24,13 +24,8 @@ VERBS = [["list"], ["du"], ["clear"], ["clear", "--dry-run"],
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(cache_budget.ENV_MAX_GB, raising=False)
-    cache_budget.install_budget()
-    yield tmp_path / "cache"
-    cache_budget._RUN.close()
-    cache_budget._RUN = None
+def cache(fresh_cache):
+    return fresh_cache
 
 
 def files(cache: Path) -> set[str]:
