@@ -18,11 +18,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from svdexp.cache_budget import (install_budget, is_shared, note_model, read_entry, spill, spilled,  # noqa: F401
-                                 use_entry, write_bytes, write_entry)
+from svdexp.cache_budget import is_shared, read_entry, spill, spilled, use_entry, write_bytes, write_entry
 from svdexp.methods.linalg import EIG_VECTORS, decompose
 from svdexp.models.loading import cache_dir
-from svdexp.tracking import _jsonable, read_results, write_json_atomic  # noqa: F401
+from svdexp.tracking import _jsonable, read_results
 
 
 def model_fingerprint(model: nn.Module) -> str:

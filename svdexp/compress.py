@@ -21,7 +21,7 @@ from svdexp.errors import NumericalError
 from svdexp.lowrank import LowRankLinear
 from svdexp.methods.linalg import weight_in_use
 from svdexp.models.adapters import Adapter
-from svdexp.statistics import RunStatistics, StatsPlan  # noqa: F401  (StatsPlan: read from here too)
+from svdexp.statistics import RunStatistics
 
 
 def target_shapes(model: nn.Module, adapter: Adapter) -> list[dict[str, tuple[int, int]]]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from svdexp.calibration import MatrixStats, SiteStats
-from svdexp.compress import StatsPlan
+from svdexp.statistics import StatsPlan
 from svdexp.methods import METHODS
 from svdexp.methods.adasvd import adasvd
 from svdexp.methods.asvd import asvd

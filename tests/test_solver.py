@@ -13,7 +13,7 @@ import torch
 
 from svdexp.cache import SVDCache
 from svdexp.calibration import MatrixStats, SiteStats, capture_layer0_inputs, collect_layer
-from svdexp.compress import StatsPlan
+from svdexp.statistics import StatsPlan
 from svdexp.methods import METHODS
 from svdexp.methods.linalg import EIG_VECTORS, svd_provider, weight_in_use
 from svdexp.models.adapters import adapter_for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from svdexp.errors import ConfigError
@@ -14,14 +16,20 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap glibc keeps after a large transient allocation (tokenising a split: ~0.3 GB measured by
-    benchmarks/memory.py) back to the system; nothing elsewhere."""
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library (looked up once: ``find_library`` runs ``ldconfig``), or None."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    return ctypes.CDLL(name) if name else None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap glibc keeps after a large transient allocation (tokenising a split: ~0.3 GB measured by
+    benchmarks/memory.py) back to the system; nothing elsewhere."""
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
