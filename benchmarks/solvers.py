@@ -5,7 +5,10 @@ embedded model through the real app, one run at a time.
    is decomposed; statistics from the statistics cache, so only the decomposition differs between the runs).
 2. svd_llm's wiki/news perplexity with each solver at 20/40/60 % (the default evaluation, 64 chunks).
 
-    .venv/bin/python benchmarks/solvers.py [--methods svd,svd_llm] [--ratios 0.2,0.4,0.6]
+    .venv/bin/python benchmarks/solvers.py [--methods svd,svd_llm] [--ratios 0.2,0.4,0.6] [--keep-ppl]
+
+``--keep-ppl``: time the decompositions only and keep part 2 from the previous results file (when the solver
+code of svd_llm has not changed since; its command is kept beside it).
 
 Writes benchmarks/results/solvers.json and solvers.md. Run it on an otherwise idle machine.
 """
@@ -18,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import run_app, write_results
+from common import RESULTS, run_app, write_results
 
 METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "svd_llm_closed_form", "adasvd", "ressvd"]
 SOLVERS = ["svd", "auto"]
@@ -36,21 +39,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--ratios", default="0.2,0.4,0.6")
+    parser.add_argument("--keep-ppl", action="store_true", help="keep the perplexities of the previous results")
     args = parser.parse_args()
-    out: dict = {"command": " ".join(["benchmarks/solvers.py", *sys.argv[1:]]), "decomposition": {}, "ppl": {}}
+    out: dict = {"command": " ".join(["benchmarks/solvers.py", *sys.argv[1:]]), "decomposition": {},
+                 "prefix": {}, "ppl": {}}
+    if args.keep_ppl:
+        previous = json.loads((RESULTS / "solvers.json").read_text())
+        out["ppl"], out["ppl_command"] = previous["ppl"], previous.get("ppl_command", previous["command"])
     for method in args.methods.split(","):
         for solver in SOLVERS:
             # svd_llm's 20 % runs are both timed and evaluated in full; the others evaluate one chunk
-            full = method == "svd_llm"
+            full = method == "svd_llm" and not args.keep_ppl
             evaluation = [] if full else ["eval.ppl.datasets=[wiki]", "eval.ppl.max_chunks=1"]
             r = run([f"method={method}", f"method.solver={solver}", "ratio=0.2", "calib.cache_svd=false",
                      *evaluation])
             c = r["compression"]
             out["decomposition"].setdefault(method, {})[solver] = round(c["decomposition_seconds"], 2)
+            out["prefix"].setdefault(method, {})[solver] = round(c.get("prefix_seconds", 0.0), 2)
             print(method, solver, out["decomposition"][method][solver], "s", flush=True)
             if full:
                 out["ppl"].setdefault("0.2", {})[solver] = r["metrics"]["ppl"]
-    if "svd_llm" in args.methods.split(","):
+    if "svd_llm" in args.methods.split(",") and not args.keep_ppl:
         for ratio in args.ratios.split(","):
             for solver in SOLVERS:
                 if ratio in out["ppl"] and solver in out["ppl"][ratio]:
@@ -64,11 +73,16 @@ def main() -> None:
 
 def markdown(out: dict) -> str:
     lines = [f"Measured by `.venv/bin/python {out['command']}` (SmolLM2-135M, 32 x 512 calibration tokens, "
-             "ratio 0.2, SVD cache off, one torch thread).", "",
-             "| method | decomposition, solver=svd (s) | solver=auto (s) | speed-up |", "|---|---|---|---|"]
+             "ratio 0.2, SVD cache off, one torch thread). Decomposition seconds include the pass over the "
+             "compressed prefix where the method needs one (closed_form, adasvd); the last columns leave it out.",
+             "", "| method | decomposition, solver=svd (s) | solver=auto (s) | speed-up | prefix pass (s) | "
+             "speed-up without it |", "|---|---|---|---|---|---|"]
     for method, t in out["decomposition"].items():
-        lines.append(f"| {method} | {t['svd']:.1f} | {t['auto']:.1f} | {t['svd'] / t['auto']:.2f}x |")
-    lines += ["", "| svd_llm ratio | wiki, svd | wiki, auto | news, svd | news, auto | max relative difference |",
+        p = out.get("prefix", {}).get(method, {"svd": 0.0, "auto": 0.0})
+        lines.append(f"| {method} | {t['svd']:.1f} | {t['auto']:.1f} | {t['svd'] / t['auto']:.2f}x | "
+                     f"{p['svd']:.1f} / {p['auto']:.1f} | {(t['svd'] - p['svd']) / (t['auto'] - p['auto']):.2f}x |")
+    lines += ["", f"svd_llm perplexity, measured by `.venv/bin/python {out.get('ppl_command', out['command'])}`:", "",
+              "| svd_llm ratio | wiki, svd | wiki, auto | news, svd | news, auto | max relative difference |",
               "|---|---|---|---|---|---|"]
     for ratio, p in out["ppl"].items():
         diff = max(abs(p["auto"][d] / p["svd"][d] - 1) for d in p["svd"])

@@ -8,6 +8,7 @@ produces, and the compressed layer's outputs feed layer ``l + 1``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ def target_shapes(model: nn.Module, adapter: Adapter) -> list[dict[str, tuple[in
 @dataclass
 class CompressionRecord:
     damped_sites: dict[str, float] = field(default_factory=dict)   # site name -> damping added to H
+    prefix_seconds: float = 0.0     # of the compression: collecting statistics on (and running) the compressed prefix
 
 
 @dataclass
@@ -111,8 +113,10 @@ def compress_model(ctx: RunContext, stats: RunStatistics, ranks: dict[str, int |
     needs = stats.plan.prefix
     prefix = None
     if needs:
+        t0 = time.perf_counter()
         inputs = capture_layer0_inputs(ctx.model, ctx.adapter, ctx.calib_ids, ctx.batch_size, ctx.device)
         prefix = _Prefix(needs, inputs, groups_for(ctx, needs))
+        record.prefix_seconds += time.perf_counter() - t0
     layers = ctx.adapter.layers(ctx.model)
     for i in tqdm(range(len(layers)), desc="compression", unit="layer"):
         layers[i].to(ctx.device)
@@ -130,11 +134,15 @@ def _compress_one(ctx: RunContext, index: int, stats: RunStatistics, ranks: dict
     with stats.layer(index) as original:
         prefix_stats = None
         if prefix is not None:
+            t0 = time.perf_counter()
             prefix_stats, _ = collect_layer(layer, ctx.adapter, prefix.inputs, prefix.needs, name, prefix.groups)
+            record.prefix_seconds += time.perf_counter() - t0
         sites = {site: _site_stats(original, prefix_stats, ctx.propagate, site, ctx.device)
                  for site in (*ctx.adapter.sites, *ctx.adapter.targets)}   # input sites, then each matrix's output
         compress_layer(ctx, index, ranks, sites, stats.fisher)
         record.damped_sites.update({f"{name}.{site}": s.damping for site, s in sites.items() if s.damping > 0})
         del sites, original, prefix_stats     # before the store counts them released
     if prefix is not None:
+        t0 = time.perf_counter()
         prefix.inputs = run_layer(layer, prefix.inputs)
+        record.prefix_seconds += time.perf_counter() - t0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,7 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
-from svdexp.allocation import Allocation, allocate, check_adacr, check_last_layers, default_min_keep
+from svdexp.allocation import (Allocation, allocate, check_adacr, check_last_layers, default_min_keep,
+                               policy_needs)
+from svdexp.allocation.spectra import whitened_spectra
 from svdexp.cache import SVDCache, cache_key, load_json_entry, model_fingerprint, store_json_entry, tensor_fingerprint
 from svdexp.cache_budget import install_budget, note_model
 from svdexp.checkpoint import save_compressed
@@ -195,20 +198,28 @@ def _dense_metrics(cfg, ctx: RunContext) -> dict:
 def _compress(cfg, ctx: RunContext, shapes: list[dict]) -> tuple[Allocation, dict]:
     """Statistics, allocation and factorisation of the dense ``ctx.model``; returns the allocation and the
     compression record."""
-    plan = StatsPlan.for_run(ctx.method, cfg.method.propagate, cfg.allocation.name, ctx.options)
-    with RunStatistics(ctx, plan) as stats:
+    alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
+    plan = StatsPlan.for_run(ctx.method, cfg.method.propagate, cfg.allocation.name, ctx.options, alloc_cfg)
+    with RunStatistics(ctx, plan) as stats, tempfile.TemporaryDirectory(prefix="svdexp-svd-memo-") as memo:
         t0 = time.perf_counter()
         stats.prepare()                                            # calibrate (or find it in the cache)
         calib_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         svds = SVDCache(ctx.fingerprint, ctx.device.type) if ctx.svd_cache else None
-        with svd_provider(svds):
+        if svds is None and "spectra" in policy_needs(cfg.allocation.name, alloc_cfg) \
+                and cfg.method.propagate == "original":
+            # calib.cache_svd=false: the policy's decompositions are kept for this run only (a private folder),
+            # so that compression does not decompose the same matrices again
+            provider = SVDCache(ctx.fingerprint, ctx.device.type, root=Path(memo))
+        else:
+            provider = svds
+        with svd_provider(provider):
             alloc = _allocate(cfg, ctx, stats, shapes)             # allocate
             result = compress_model(ctx, stats, alloc.ranks)       # compress
     record = {"damped_sites": result.damped_sites, "statistics": stats.record,
               "svd_cache": svds.record() if svds is not None else None, "calibration_seconds": calib_seconds,
-              "decomposition_seconds": time.perf_counter() - t1}
+              "decomposition_seconds": time.perf_counter() - t1, "prefix_seconds": result.prefix_seconds}
     return alloc, record
 
 
@@ -218,7 +229,14 @@ def _allocate(cfg, ctx: RunContext, stats: RunStatistics, shapes: list[dict]) ->
     search = None
     if cfg.allocation.name == "last_layers" and alloc_cfg["num_layers"] == "auto":
         alloc_cfg["num_layers"], search = _choose_num_layers(cfg, ctx, stats, shapes)
-    alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, stats.importances())
+    spectra = None
+    needs = policy_needs(cfg.allocation.name, alloc_cfg)
+    t0 = time.perf_counter()
+    if "spectra" in needs:   # through the run's SVD provider: compression reuses these decompositions
+        spectra = whitened_spectra(ctx, stats, first_order="grad" in needs)
+    alloc = allocate(cfg.allocation.name, cfg.ratio, shapes, alloc_cfg, stats.importances(), spectra)
+    if spectra is not None:
+        alloc.details["allocation_seconds"] = time.perf_counter() - t0
     if search is not None:
         alloc.details["search_calib_ppl"] = {str(k): v for k, v in search.items()}
     return alloc
@@ -246,7 +264,7 @@ def _uncompressed(shapes: list[dict]) -> tuple[Allocation, dict]:
     """The allocation and record of a run that keeps the dense model (method none, or ratio 0)."""
     alloc = Allocation([1.0] * len(shapes), {name: None for layer in shapes for name in layer}, {})
     record = {"damped_sites": {}, "statistics": {"cached": [], "computed": []}, "svd_cache": None,
-              "calibration_seconds": 0.0, "decomposition_seconds": 0.0}
+              "calibration_seconds": 0.0, "decomposition_seconds": 0.0, "prefix_seconds": 0.0}
     return alloc, record
 
 

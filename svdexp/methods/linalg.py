@@ -287,10 +287,11 @@ def decompose(recipe: Recipe, X: torch.Tensor, k: int) -> dict[str, torch.Tensor
     return {"U": U.to(EIG_VECTORS).contiguous(), "lam": lam}
 
 
-def top_left_vectors(build: Callable[[], torch.Tensor], k: int, recipe: Recipe, reuse: bool = True
+def top_vectors(build: Callable[[], torch.Tensor], k: int, recipe: Recipe, reuse: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U_k`` (float64) and every eigenvalue of ``M M^T`` for the matrix ``build`` makes as ``recipe`` says
-    (kind ``gram`` or ``tall``); from the active provider when ``reuse`` (see :func:`thin_svd`)."""
+    """The top-``k`` vectors (float64) and every eigenvalue of the decomposition of what ``build`` makes as
+    ``recipe`` says (kind ``gram``: eigenvectors of that Gram matrix; ``tall``: ``U_k`` of that ``M``); from the
+    active provider when ``reuse`` (see :func:`thin_svd`)."""
     provider = _PROVIDER.get() if reuse else None
     if provider is not None:
         entry = provider(lambda: build().double(), k, recipe, _WEIGHT.get())
@@ -316,6 +317,16 @@ def projection_factors(W: torch.Tensor, U: torch.Tensor, lam: torch.Tensor, left
     return A, B
 
 
+def right_projection_factors(W: torch.Tensor, V: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors of ``W' = W V V^T`` (``V``: top right singular vectors of ``diag(l) W``):
+    ``A = W V Sigma^-1/2``, ``B = Sigma^1/2 V^T`` (``= diag(l)^-1 U Sigma^1/2`` and ``Sigma^1/2 V^T``); components
+    with ``sigma ~ 0`` unbalanced, as in :func:`projection_factors`."""
+    sigma = lam.clamp(min=0).sqrt()
+    live = sigma > SIGMA_FLOOR * sigma.max()
+    root = torch.where(live, sigma, torch.ones_like(sigma)).sqrt()
+    return (W.double() @ V) / root, root[:, None] * V.T
+
+
 def gram_truncation(W: torch.Tensor, k: int, left: torch.Tensor | None = None, right: torch.Tensor | None = None,
                     H: torch.Tensor | None = None, root: Callable[[], torch.Tensor] | None = None,
                     C_out: torch.Tensor | None = None, reuse: bool = True
@@ -326,7 +337,8 @@ def gram_truncation(W: torch.Tensor, k: int, left: torch.Tensor | None = None, r
     ``H_R``: ``I``, ``diag(right)^2`` or ``H`` (then ``R = root()``, by default :func:`psd_root`, built only for a
     tall ``W``). ``C_out = W H W^T`` (the Gram of the outputs, measured) replaces ``W H W^T``. ``U_k``: for
     ``m <= n`` eigenvectors of ``C = M M^T = diag(l) W H_R W^T diag(l)``; for ``m > n`` ``qr(M V_k)``,
-    ``V_k`` eigenvectors of ``M^T M``. Returns ``A, B`` (:func:`projection_factors`) and every eigenvalue
+    ``V_k`` eigenvectors of ``M^T M``, except with ``H_R = I`` (svd; fwsvd's row scaling), where
+    ``W' = W V_k V_k^T`` needs no ``U_k`` (:func:`right_projection_factors`). Returns ``A, B`` (:func:`projection_factors`) and every eigenvalue
     ``lam`` (squared singular values of ``M``: the discarded ones sum to the truncation loss).
 
     ``reuse``: ``W`` is the weight being compressed, so the decomposition may come from the provider (see
@@ -342,10 +354,17 @@ def gram_truncation(W: torch.Tensor, k: int, left: torch.Tensor | None = None, r
             M = scaled(W, left, right)
             return M @ M.T if H is None else M @ (H.double() @ M.T)
         recipe = Recipe("eig M M^T", inputs, "gram", (m, n))
+    elif H is None and right is None:
+        # tall M = diag(l) W: U_k U_k^T M = M V_k V_k^T, so W' = W V_k V_k^T; no QR, and V_k (n x k) is kept
+        def build() -> torch.Tensor:
+            M = scaled(W, left)
+            return M.T @ M
+        V, lam = top_vectors(build, k, Recipe("eig M^T M (V)", inputs, "gram", (m, n)), reuse)
+        return (*right_projection_factors(W, V, lam[:k]), lam)
     else:
         def build() -> torch.Tensor:
             M = scaled(W, left, right)
             return M if H is None else M @ (root() if root is not None else psd_root(H))
         recipe = Recipe("eig M^T M", inputs, "tall")
-    U, lam = top_left_vectors(build, k, recipe, reuse)
+    U, lam = top_vectors(build, k, recipe, reuse)
     return (*projection_factors(W, U, lam[:k], left), lam)
