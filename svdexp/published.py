@@ -2,12 +2,16 @@
 
 Ratios follow SVD-LLM's convention (fraction of parameters removed), perplexities are token perplexities on the
 named sets, ``mean_acc`` is the paper's mean zero-shot accuracy. A row's ``match`` is the label that
-:mod:`svdexp.report` gives the corresponding configuration of ours (``None``: nothing of ours corresponds).
+:mod:`svdexp.labels` gives the corresponding configuration of ours (``None``: nothing of ours corresponds).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Display names of evaluation sets (ours and the papers'); unknown names are shown as they are.
 DATASET_LABELS: dict[str, str] = {"wikitext2": "WikiText-2", "c4": "C4", "ptb": "PTB", "wiki": "wiki",
@@ -58,6 +62,20 @@ class PublishedTable:
     def heading(self) -> str:
         """``LLaMA-7B, WikiText-2 / C4``."""
         return f"{self.model_label}, {' / '.join(DATASET_LABELS.get(d, d) for d in self.datasets)}"
+
+    def remarks(self) -> list[str]:
+        """What a report lists under the table: source, caveat, the rows' notes, the table's notes."""
+        return ([f"Source: {self.title}."] + ([f"Caveat: {self.caveat}."] if self.caveat else []) +
+                [f"{p.label}: {p.note}." for p in self.rows if p.note] + list(self.notes))
+
+    def frame(self) -> pd.DataFrame:
+        """The table as a tidy frame like the report's: a row per (paper's row, ratio); ``counterpart``: our row."""
+        import pandas as pd
+
+        return pd.DataFrame([{"source": f"paper:{self.key}", "model": self.model, "row": prow.label,
+                              "counterpart": prow.match or "", "target_ratio": ratio,
+                              **{f"ppl_{d}": cell.ppl.get(d) for d in self.datasets}, "mean_acc": cell.mean_acc}
+                             for prow in self.rows for ratio, cell in sorted(prow.results.items())], dtype=object)
 
 
 def _cells(values: dict[float, tuple]) -> dict[float, PublishedCell]:

@@ -41,15 +41,11 @@ def read_results(path: str | Path) -> dict | None:
         return None
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}`` (scalars only), for W&B summaries."""
+def flatten(data: dict, sep: str = "/", prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``: every leaf (lists stay values), keys joined by ``sep``."""
     out: dict[str, Any] = {}
     for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "/"))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            out[name] = value
+        out.update(flatten(value, sep, f"{prefix}{key}{sep}") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out
 
 
@@ -67,7 +63,8 @@ class WandbLogger:
                               job_type="compress", reinit="finish_previous")
 
     def log_results(self, results: dict) -> None:
-        summary = flatten({k: results[k] for k in ("metrics", "compression", "model") if k in results})
+        summary = {k: v for k, v in flatten({k: results[k] for k in ("metrics", "compression", "model") if k in results}
+                                            ).items() if v is None or isinstance(v, (int, float, str, bool))}
         summary.pop("compression/ranks", None)
         self.run.summary.update(summary)
         ranks = results.get("compression", {}).get("ranks", {})
@@ -82,3 +79,22 @@ class WandbLogger:
 def make_logger(cfg, config: dict, output_dir: Path) -> WandbLogger | None:
     """The configured logger (``logger.mode=disabled`` still runs real W&B, which then records nothing)."""
     return None if cfg.logger.name == "none" else WandbLogger(cfg, config, output_dir)
+
+
+def log_report_table(records: list[dict], group: str, config: dict, logger_cfg: Any, out_dir: Path,
+                     image: Path | None = None) -> None:
+    """Log a sweep report's ``records`` as a ``wandb.Table`` (and ``image``) in a ``job_type="report"`` run."""
+    import wandb
+    from omegaconf import DictConfig, OmegaConf
+
+    opts = OmegaConf.to_container(logger_cfg, resolve=True) if isinstance(logger_cfg, DictConfig) else logger_cfg or {}
+    columns = list(records[0])
+    run = wandb.init(project=opts.get("project", "svdexp"), entity=opts.get("entity"), group=group, job_type="report",
+                     mode=opts.get("mode", "offline"), dir=str(out_dir), name=f"report-{group}", config=config,
+                     reinit="finish_previous")
+    try:
+        run.log({"report": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])})
+        if image is not None and image.is_file():
+            run.log({image.stem: wandb.Image(str(image))})
+    finally:
+        run.finish()
