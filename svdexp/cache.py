@@ -182,9 +182,10 @@ class SVDCache:
     they always were.
     """
 
-    def __init__(self, model: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", root: Path | None = None) -> None:
         self.model = model
         self.device = device
+        self.root = root          # None: $SVDEXP_CACHE; else a private folder (the runner's in-run memo)
         self.reused = 0
         self.computed = 0
         # fingerprints of recent recipe inputs: a site's whitening factor serves several matrices
@@ -214,7 +215,7 @@ class SVDCache:
         if recipe.kind != "svd":
             description.update(kind=recipe.kind, shape=recipe.shape, vectors_dtype=str(EIG_VECTORS))
         key = cache_key(description)
-        entry = load_tensor_entry("svd", key)
+        entry = load_tensor_entry("svd", key, self.root)
         if entry is not None and entry["U"].shape[1] >= k:
             self.reused += 1
             return {name: tensor.to(device) for name, tensor in entry.items()}
@@ -222,7 +223,7 @@ class SVDCache:
         M = build() if M is None else M
         entry = decompose(recipe, M, k)
         store_tensor_entry("svd", key, entry, {**description, "shape": list(recipe.shape or M.shape),
-                                               "vectors": entry["U"].shape[1]})
+                                               "vectors": entry["U"].shape[1]}, self.root)
         return entry
 
     def record(self) -> dict[str, int]:

@@ -366,6 +366,34 @@ def fisher_information(model: nn.Module, adapter: Adapter, input_ids: torch.Tens
     return sums
 
 
+def loss_gradients(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, device: torch.device
+                   ) -> list[LayerStats]:
+    """Per decoder layer, the LM-loss gradient ``G = sum_samples dLoss/dW`` of each targeted matrix (float32,
+    statistic ``grad``, under the matrix's path like ``C_out``). One backward pass per calibration sample; the
+    whole model is on the device for it, as for :func:`fisher_information`."""
+    layers = adapter.layers(model)
+    weights = {(i, t): layers[i].get_submodule(t).weight for i in range(len(layers)) for t in adapter.targets}
+    sums = {key: torch.zeros(w.shape, dtype=torch.float32) for key, w in weights.items()}
+    model.to(device)
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        for sample in tqdm(input_ids, desc="gradient", unit="sample"):
+            ids = sample[None].to(device)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            for key, w in weights.items():
+                sums[key] += w.grad.float().cpu()
+                w.grad = None
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+        model.to("cpu")
+    return [LayerStats({t: SiteStats({"grad": sums[(i, t)]}) for t in adapter.targets}) for i in range(len(layers))]
+
+
 def stats_to_tensors(stats: list[LayerStats], stat: str) -> dict[str, torch.Tensor]:
     """One statistic of every layer as flat named tensors (``"<layer>/<site>"``, or ``"cosine"``)."""
     if stat == "cosine":

@@ -58,6 +58,8 @@ class AllocationConfig:
     name: str = "uniform"
     min_keep: Optional[float] = None    # adacr: minimum kept fraction (null = paper's value for the ratio)
     num_layers: Any = "auto"            # last_layers: K, or auto (search by calibration perplexity)
+    score: str = "first_order"          # global: first_order (loss gradient) | truncation_loss (no gradient)
+    alpha: float = 1.0                  # erank: exponent of the layer importance
 
 
 @dataclass
@@ -341,6 +343,10 @@ def _validate_allocation(a) -> None:
         if isinstance(a.num_layers, bool) or not isinstance(a.num_layers, int) or a.num_layers < 1:
             raise ConfigError(f"allocation.num_layers={a.num_layers!r} is not allowed; choose 'auto' or an "
                               "integer >= 1 (last_layers' K, the number of compressed last layers).")
+    _choice("allocation.score", a["score"], ["first_order", "truncation_loss"])
+    if isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or not a.alpha > 0:
+        raise ConfigError(f"allocation.alpha={a.alpha!r} is not allowed; choose a number > 0 (erank's exponent "
+                          "of the layer importance; 1 = proportional).")
 
 
 def _validate_eval(e) -> None:

@@ -34,7 +34,7 @@ from svdexp.config import check_context, validate
 from svdexp.context import RunContext
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
 from svdexp.errors import NumericalError, SaveError
-from svdexp.evaluation.harness import evaluate_zeroshot, response_cache_path
+from svdexp.evaluation.harness import ZeroShotRun, evaluate_zeroshot, response_cache_path
 from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
@@ -334,8 +334,8 @@ def _zeroshot(cfg, ctx: RunContext, fingerprint: str | None) -> dict:
         responses = response_cache_path(fingerprint or model_fingerprint(model), zs.dtype or cfg.dtype,
                                         ctx.device.type, zs.batch_size, max_length)
     try:
-        return evaluate_zeroshot(model, ctx.tokenizer, list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot,
-                                 max_length, str(ctx.device), dtype=zs.dtype, response_cache=responses)
+        return evaluate_zeroshot(model, ctx.tokenizer, ZeroShotRun(
+            list(zs.tasks), zs.limit, zs.batch_size, zs.num_fewshot, max_length, str(ctx.device), zs.dtype, responses))
     finally:
         model.to("cpu")
 

@@ -33,9 +33,10 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from svdexp.allocation import policy_needs
 from svdexp.cache import cache_key, has_tensor_entry, load_tensor_entry, store_tensor_entry, tensor_fingerprint
-from svdexp.calibration import (LayerStats, collect_statistics, fisher_information, stats_to_tensors,
-                                tensors_to_stats)
+from svdexp.calibration import (LayerStats, collect_statistics, fisher_information, loss_gradients,
+                                stats_to_tensors, tensors_to_stats)
 from svdexp.context import RunContext
 from svdexp.methods import Method
 
@@ -219,13 +220,19 @@ class StatsPlan:
     original: frozenset[str]
     prefix: frozenset[str]
     fisher: bool
+    # dense-model statistics only the allocation policy reads (never handed to the method): for the whitened
+    # spectra C_out + H_tall unless the method's own statistics have them or H; "grad" for global's first order
+    allocation: frozenset[str] = frozenset()
 
     @classmethod
     def for_run(cls, method: Method, propagate: str, allocation: str,
-                options: Mapping[str, Any] | None = None) -> "StatsPlan":
-        """The plan for ``method`` run with ``options`` (the method config; its needs may depend on them)."""
+                options: Mapping[str, Any] | None = None,
+                allocation_options: Mapping[str, Any] | None = None) -> "StatsPlan":
+        """The plan for ``method`` run with ``options`` (the method config; its needs may depend on them) and the
+        policy ``allocation`` with ``allocation_options`` (the allocation config)."""
         needs = method.needs_for({"propagate": propagate, **(options or {})})
-        original: set[str] = {"cosine"} if allocation == "adacr" else set()
+        policy = policy_needs(allocation, allocation_options)
+        original: set[str] = {"cosine"} if "cosine" in policy else set()
         prefix: set[str] = set()
         for key in needs - {"fisher"}:
             if key == "H_prefix":
@@ -234,12 +241,16 @@ class StatsPlan:
                 prefix.add(key)
             else:
                 original.add(key)
-        return cls(frozenset(original), frozenset(prefix), "fisher" in needs)
+        extra = {"grad"} if "grad" in policy else set()
+        if "spectra" in policy and not ("H" in original or {"C_out", "H_tall"} <= original):
+            extra |= {"C_out", "H_tall"}
+        return cls(frozenset(original), frozenset(prefix), "fisher" in needs, frozenset(extra - original))
 
 
 # Statistics cheap enough to collect in any calibration pass, for the cache: O(n) per token. Not H (O(n^2) per
 # token: solver=auto's svd_llm avoids most of it) and not "H_stack" (it needs groups).
 SHARED_STATS = frozenset({"abs_mean", "cosine"})
+GRADIENT = "grad"   # per matrix: the LM loss gradient summed over the calibration samples (global's first order)
 
 
 class RunStatistics:
@@ -267,12 +278,12 @@ class RunStatistics:
         """Make the store hold the dense model's statistics the plan needs: those stored and valid are kept, the
         missing ones collected in one pass, each layer's written as soon as it is done; then the Fisher vectors.
         Returns the record of what was cached and what computed (also :attr:`record`)."""
-        wanted = set(self.plan.original)
+        wanted = set(self.plan.original | self.plan.allocation)
         if self.plan.fisher:
             wanted.add(f"fisher_{self.ctx.options['fisher']}")
         cached = {stat for stat in wanted if self._cached(stat)}
         missing = wanted - cached
-        layerwise = frozenset(stat for stat in missing if not stat.startswith("fisher_"))
+        layerwise = frozenset(stat for stat in missing if not stat.startswith("fisher_") and stat != GRADIENT)
         if layerwise and not self.store.private:
             # A pass over the model is happening anyway: collect the common statistics with it, so that the other
             # jobs of a sweep (another method, policy or ratio) find them in the cache.
@@ -281,7 +292,10 @@ class RunStatistics:
         ctx = self.ctx
         if layerwise:
             collect_statistics(ctx, layerwise, on_layer=lambda index, stats: self.store.put(index, stats, layerwise))
-        for stat in missing - layerwise:   # the Fisher pass (whole model, one backward per sample)
+        if GRADIENT in missing:   # the gradient pass (whole model, one backward per sample), stored per layer
+            for index, layer_grads in enumerate(loss_gradients(ctx.model, ctx.adapter, ctx.calib_ids, ctx.device)):
+                self.store.put(index, layer_grads, [GRADIENT])
+        for stat in missing - layerwise - {GRADIENT}:   # the Fisher pass (whole model, one backward per sample)
             self.fisher = fisher_information(ctx.model, ctx.adapter, ctx.calib_ids, ctx.options["fisher"], ctx.device)
             self.store.put_model_entry(stat, self.fisher)
         self.record = {"cached": sorted(cached), "computed": sorted(missing)}
@@ -298,6 +312,11 @@ class RunStatistics:
         """``with stats.layer(i) as original:`` the dense model's statistics of layer ``i`` (None when the plan
         needs none), released on exit."""
         return self.store.layer(index, self.plan.original) if self.plan.original else nullcontext()
+
+    def policy_layer(self, index: int) -> AbstractContextManager[LayerStats | None]:
+        """Like :meth:`layer`, with the statistics only the allocation policy reads (``plan.allocation``)."""
+        names = self.plan.original | self.plan.allocation
+        return self.store.layer(index, names) if names else nullcontext()
 
     def importances(self) -> list[float] | None:
         """Per layer, 1 - the cosine of its input and output (adacr's importances), when the plan has it."""

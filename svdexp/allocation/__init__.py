@@ -3,11 +3,20 @@
 ``uniform`` keeps ``1 - ratio`` everywhere. ``adacr`` (AdaSVD) gives layers that change their input more
 (importance ``1 - cos(x, y)``) a larger kept fraction. ``last_layers`` (ResSVD) compresses only the last ``K``
 layers, each at ``N * ratio / K``.
+
+Matrix-level policies, one short module each (docs/policies.md: the rules and where they depart from the papers):
+``v2`` (SVD-LLM V2, :mod:`.v2`), ``global`` (Zero-Sum SVD, :mod:`.zero_sum`) and ``erank`` (Swift-SVD,
+:mod:`.erank`). They read every targeted matrix's whitened spectrum (:class:`Spectrum`, computed by
+:mod:`.spectra` through the SVD provider, so compression afterwards reuses the same decompositions); the layer's
+kept fraction they report is the parameter-weighted kept fraction of its matrices (:func:`keep_from_ranks`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
 
 from svdexp.errors import ConfigError
 from svdexp.lowrank import rank_for_ratio
@@ -23,6 +32,35 @@ class Allocation:
     keep: list[float]                        # kept fraction per decoder layer (1.0 = left dense)
     ranks: dict[str, int | None]             # matrix name -> rank (None = left dense)
     details: dict                            # policy-specific record (importances, K, grid, ...)
+
+
+@dataclass
+class Spectrum:
+    """One targeted matrix's whitened spectrum, as SVD-LLM's auto solver decomposes it (``M = W R``,
+    ``R R^T = H``): ``lam`` every eigenvalue of ``M M^T = W H W^T``, descending (``sigma_i^2``; the truncation
+    loss at rank ``k`` is ``sum_{i >= k} lam_i``). For ``global``'s first-order score also ``first_order``:
+    ``dL_i = -u_i^T G W^T u_i`` of the first ``floor(m n / (m + n))`` components (``G`` the summed loss
+    gradient), and ``total_first_order = -<G, W>``, the change if every component were removed."""
+    lam: torch.Tensor
+    first_order: torch.Tensor | None = None
+    total_first_order: float | None = None
+
+
+Spectra = Mapping[str, Spectrum]   # matrix name -> its spectrum
+
+
+def break_even(m: int, n: int) -> int:
+    """``floor(m n / (m + n))``: a larger rank stores more than the dense ``m x n`` matrix."""
+    return m * n // (m + n)
+
+
+def keep_from_ranks(shapes: Shapes, ranks: dict[str, int | None]) -> list[float]:
+    """Per decoder layer, the parameter-weighted kept fraction of its matrices (1.0 = all dense)."""
+    keep = []
+    for layer in shapes:
+        kept = sum(m * n if ranks[name] is None else ranks[name] * (m + n) for name, (m, n) in layer.items())
+        keep.append(kept / sum(m * n for m, n in layer.values()))
+    return keep
 
 
 def ranks_from_keep(shapes: Shapes, keep: list[float]) -> dict[str, int | None]:
@@ -100,9 +138,28 @@ def last_layers(ratio: float, shapes: Shapes, cfg, importances=None) -> Allocati
     return Allocation(keep, ranks_from_keep(shapes, keep), {"num_layers": k_layers, "layer_ratio": layer_ratio})
 
 
-ALLOCATIONS = {"uniform": uniform, "adacr": adacr, "last_layers": last_layers}
+# importing the modules defines the matrix-level policies (they need the names above)
+from svdexp.allocation import erank, v2, zero_sum  # noqa: E402
+
+ALLOCATIONS = {"uniform": uniform, "adacr": adacr, "last_layers": last_layers,
+               "v2": v2.v2, "global": zero_sum.zero_sum, "erank": erank.erank}
+SPECTRAL = frozenset({"v2", "global", "erank"})   # policies that read whitened spectra
 
 
-def allocate(name: str, ratio: float, shapes: Shapes, cfg, importances: list[float] | None = None) -> Allocation:
-    """The allocation of policy ``name``."""
+def policy_needs(name: str, cfg: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """What policy ``name`` (options ``cfg``) reads: ``cosine`` (per-layer importance), ``spectra`` (whitened
+    spectra of every matrix) and ``grad`` (the summed loss gradient of every matrix, ``global``'s first order)."""
+    cfg = cfg or {}
+    needs = {"adacr": {"cosine"}, "v2": {"spectra"}, "erank": {"spectra", "cosine"},
+             "global": {"spectra", "grad"} if cfg.get("score", "first_order") == "first_order" else {"spectra"}}
+    return frozenset(needs.get(name, set()))
+
+
+def allocate(name: str, ratio: float, shapes: Shapes, cfg, importances: list[float] | None = None,
+             spectra: Spectra | None = None) -> Allocation:
+    """The allocation of policy ``name`` (``spectra``: for the matrix-level policies, :data:`SPECTRAL`)."""
+    if name in SPECTRAL:
+        if spectra is None:
+            raise ValueError(f"allocation {name} needs the whitened spectrum of every matrix")
+        return ALLOCATIONS[name](ratio, shapes, cfg, importances, spectra)
     return ALLOCATIONS[name](ratio, shapes, cfg, importances)
