@@ -93,11 +93,12 @@ def check_plain_folder(target: Path, model: torch.nn.Module, tokenizer: Any) -> 
 
 def run_in_memory(model, tokenizer, tasks, limit, batch_size, max_length, dtype, responses: Path
                   ) -> tuple[dict, float]:
-    from svdexp.evaluation.harness import evaluate_zeroshot
+    from svdexp.evaluation.harness import ZeroShotRun, evaluate_zeroshot
 
     start = time.time()
-    result = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=None,
-                               max_length=max_length, device="cpu", dtype=dtype, response_cache=responses)
+    result = evaluate_zeroshot(model, tokenizer, ZeroShotRun(tasks, limit=limit, batch_size=batch_size,
+                                                             max_length=max_length, dtype=dtype,
+                                                             response_cache=responses))
     return result, time.time() - start
 
 

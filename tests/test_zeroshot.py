@@ -21,6 +21,7 @@ from svdexp.evaluation.harness import (  # noqa: E402
     EMBEDDED_TASKS,
     TASK_SETS,
     TASKS_DIR,
+    ZeroShotRun,
     evaluate_zeroshot,
     normalize_limit,
     resolve_tasks,
@@ -116,8 +117,7 @@ def test_validate_tasks_accepts_known_and_rejects_unknown_names():
 
 def test_unknown_task_fails_before_touching_the_model():
     with pytest.raises(ValueError, match="no_such_task"):
-        evaluate_zeroshot(None, None, ["no_such_task"], limit=1, batch_size=1, num_fewshot=None,
-                          max_length=64, device="cpu")
+        evaluate_zeroshot(None, None, ZeroShotRun(["no_such_task"], limit=1, batch_size=1, max_length=64))
 
 
 def test_normalize_limit():
@@ -199,8 +199,8 @@ def test_tiny_random_llama_two_embedded_tasks_offline(smollm2_tokenizer, no_netw
         lambda module, args, kwargs: batch_rows.append((args[0] if args else kwargs["input_ids"]).shape[0]),
         with_kwargs=True)
 
-    result = evaluate_zeroshot(model, smollm2_tokenizer, ["arc_easy_embedded", "piqa_embedded"], limit=8,
-                               batch_size=4, num_fewshot=None, max_length=512, device="cpu")
+    result = evaluate_zeroshot(model, smollm2_tokenizer, ZeroShotRun(["arc_easy_embedded", "piqa_embedded"], limit=8,
+                                                                     batch_size=4, max_length=512))
 
     assert set(result) == {"arc_easy_embedded", "piqa_embedded", "mean_acc"}
     for task in ("arc_easy_embedded", "piqa_embedded"):
@@ -227,8 +227,8 @@ def test_zeroshot_dtype_casts_for_the_evaluation_only(smollm2_tokenizer, no_netw
         lambda module, args: seen.append((module.model.embed_tokens.weight.dtype,
                                           module.model.rotary_emb.inv_freq.dtype)))
 
-    result = evaluate_zeroshot(model, smollm2_tokenizer, ["piqa_embedded"], limit=4, batch_size=4,
-                               num_fewshot=None, max_length=512, device="cpu", dtype="bfloat16")
+    result = evaluate_zeroshot(model, smollm2_tokenizer, ZeroShotRun(["piqa_embedded"], limit=4, batch_size=4,
+                                                                     max_length=512, dtype="bfloat16"))
 
     assert result["piqa_embedded"]["samples"] == 4
     assert seen and set(seen) == {(torch.bfloat16, torch.float32)}
@@ -244,11 +244,11 @@ def test_response_cache_answers_a_repeated_evaluation_without_the_model(tmp_path
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
     prefix = tmp_path / "responses" / "weights-a"
     prefix.parent.mkdir()
-    kwargs = dict(limit=6, batch_size=4, num_fewshot=None, max_length=512, device="cpu", response_cache=prefix)
+    run = ZeroShotRun(["piqa_embedded"], limit=6, batch_size=4, max_length=512, response_cache=prefix)
 
-    first = evaluate_zeroshot(model, smollm2_tokenizer, ["piqa_embedded"], **kwargs)
+    first = evaluate_zeroshot(model, smollm2_tokenizer, run)
     forward_passes = len(calls)
-    second = evaluate_zeroshot(model, smollm2_tokenizer, ["piqa_embedded"], **kwargs)
+    second = evaluate_zeroshot(model, smollm2_tokenizer, run)
 
     assert forward_passes > 0 and len(calls) == forward_passes
     assert second == first
@@ -274,8 +274,8 @@ def test_real_smollm2_arc_easy_beats_chance(smollm2_model, smollm2_tokenizer, no
 
     Model load ~20 s + ~600 scored continuations: 4-6 min measured on the shared 2-core machine.
     """
-    result = evaluate_zeroshot(smollm2_model, smollm2_tokenizer, ["arc_easy_embedded"], limit=150,
-                               batch_size=16, num_fewshot=None, max_length=2048, device="cpu")
+    result = evaluate_zeroshot(smollm2_model, smollm2_tokenizer, ZeroShotRun(["arc_easy_embedded"], limit=150,
+                                                                             batch_size=16, max_length=2048))
     arc = result["arc_easy_embedded"]
     assert arc["samples"] == 150
     assert arc["acc"] - 3 * arc["acc_stderr"] > 0.25, arc

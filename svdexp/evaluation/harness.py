@@ -56,6 +56,7 @@ import functools
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -261,24 +262,28 @@ def response_cache_path(fingerprint: str, dtype: str, device: str, batch_size: i
     return folder / key
 
 
-def evaluate_zeroshot(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    tasks: list[str],
-    limit: int | float | None,
-    batch_size: int,
-    num_fewshot: int | None,
-    max_length: int,
-    device: str,
-    *,
-    dtype: str | None = None,
-    response_cache: Path | None = None,
-    bootstrap_iters: int = 1000,
-) -> dict[str, Any]:
-    """Evaluate ``model`` in memory on lm-eval tasks; return per-task metrics + mean_acc.
+@dataclass(frozen=True)
+class ZeroShotRun:
+    """What to evaluate and how: lm-eval ``tasks`` (set names allowed), ``limit`` per task (None: all),
+    ``batch_size``, ``num_fewshot``, ``max_length`` of the wrapped model, ``device``, ``dtype`` of the evaluation
+    (None: as loaded), ``response_cache`` (a file prefix belonging to these weights alone, or None) and
+    lm-eval's ``bootstrap_iters``."""
+    tasks: list[str]
+    limit: int | float | None = None
+    batch_size: int = 1
+    num_fewshot: int | None = None
+    max_length: int = 2048
+    device: str = "cpu"
+    dtype: str | None = None
+    response_cache: Path | None = None
+    bootstrap_iters: int = 1000
 
-    The model is moved to ``device`` (HFLM ignores its ``device`` argument for a model
-    object), its parameters cast to ``dtype`` for the evaluation (None = as they are, see
+
+def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Any, run: ZeroShotRun) -> dict[str, Any]:
+    """Evaluate ``model`` in memory on lm-eval tasks as ``run`` says; return per-task metrics + mean_acc.
+
+    The model is moved to ``run.device`` (HFLM ignores its ``device`` argument for a model
+    object), its parameters cast to ``run.dtype`` for the evaluation (None = as they are, see
     ``parameters_cast_to``), and wrapped in ``HFLM`` with ``batch_size`` and ``max_length`` applied;
     lm-eval's request cache is off, its response cache too unless ``response_cache`` names a file prefix
     that belongs to these weights alone (:func:`response_cache_path`). ``tasks`` may contain set names
@@ -292,23 +297,24 @@ def evaluate_zeroshot(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    names = validate_tasks(resolve_tasks(tasks))
+    names = validate_tasks(resolve_tasks(run.tasks))
     if not names:
         raise ValueError("evaluate_zeroshot: no tasks given (task set 'none' means: skip it).")
-    if int(batch_size) < 1:
+    batch_size, device, dtype, num_fewshot = int(run.batch_size), run.device, run.dtype, run.num_fewshot
+    if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    limit = normalize_limit(limit)
+    limit = normalize_limit(run.limit)
 
     model.to(device)
     with parameters_cast_to(model, dtype):
         lm = HFLM(
             pretrained=model,
             tokenizer=tokenizer,
-            batch_size=int(batch_size),
-            max_length=int(max_length),
+            batch_size=batch_size,
+            max_length=int(run.max_length),
             device=device,
         )
-        if lm.batch_size != int(batch_size):  # guard against HFLM silently falling back to 1
+        if lm.batch_size != batch_size:  # guard against HFLM silently falling back to 1
             raise RuntimeError(f"HFLM batch size is {lm.batch_size}, expected {batch_size}")
 
         manager = TaskManager(
@@ -320,12 +326,12 @@ def evaluate_zeroshot(
             model=lm,
             tasks=names,
             num_fewshot=num_fewshot,
-            batch_size=int(batch_size),
+            batch_size=batch_size,
             device=device,
-            use_cache=None if response_cache is None else str(response_cache),
+            use_cache=None if run.response_cache is None else str(run.response_cache),
             cache_requests=False,
             limit=limit,
-            bootstrap_iters=bootstrap_iters,
+            bootstrap_iters=run.bootstrap_iters,
             log_samples=False,
             write_out=False,
             task_manager=manager,
