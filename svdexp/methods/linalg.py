@@ -18,9 +18,9 @@ vectors of ``M``: no ``R^-1``, so no damping or triangular solve, and ``H`` may 
 comes from the Gram matrix of ``M``'s smaller side: for ``m <= n`` the eigenvectors of
 ``C = M M^T = diag(l) W H_R W^T diag(l)`` (for svd_llm this is ``C_out``, the Gram of the matrix's outputs,
 when collected); for ``m > n`` the eigenvectors ``V`` of ``M^T M`` (``R``: any root of ``H``, see
-:func:`psd_root`)
-and ``U = M V Sigma^-1``, orthonormalised by QR (directions with ``sigma ~ 0`` are noise, QR keeps them
-orthogonal to the rest). Balanced factors ``A = diag(l)^-1 U_k Sigma_k^1/2``, ``B = Sigma_k^-1/2 U_k^T diag(l) W``
+:func:`psd_root`) and ``U = M V Sigma^-1`` (no QR: orthonormal to float64 eigh precision; a direction with
+``sigma ~ 0`` carries no energy of ``X`` and is dropped, ``u_i = 0``), or with ``H_R = I`` ``W' = W V_k V_k^T``
+without ``U``. Balanced factors ``A = diag(l)^-1 U_k Sigma_k^1/2``, ``B = Sigma_k^-1/2 U_k^T diag(l) W``
 (with ``H`` PD exactly SVD-LLM's ``B = Sigma^1/2 V^T S^-1``); ``A B`` does not depend on ``Sigma``, so
 components with ``Sigma ~ 0`` are left unbalanced (``A = U``) and ``B`` stays finite.
 
@@ -35,7 +35,8 @@ Time per matrix, svd_llm at 20 %, solver svd -> auto with ``H`` (-> auto with ``
 (1 run for the 7B shapes) on a shared 2-core VM: 576 x 576 0.138 -> 0.043 s; 192 x 576 0.032 -> 0.007
 (0.004) s; 1536 x 576 0.250 -> 0.156 s; 576 x 1536 0.539 -> 0.150 (0.071) s; 4096 x 11008 173 -> 38 (19) s;
 11008 x 4096 64 -> 39 s. Plain svd: 576 x 1536 0.385 -> 0.085 s, 4096 x 11008 136 -> 27 s, 11008 x 4096
-58 -> 37 s. Float32 ``eigh`` would save another 1.7x on the eigendecomposition alone (4096: 14.5 -> 8.4 s).
+58 -> 37 s. Dropping the QR of a tall ``M V`` (``U = M V Sigma^-1``) then took svd_llm's 1536 x 576 from 0.175 to
+0.095 s, and the ``W V_k V_k^T`` route plain svd's from 0.120 to 0.068 s (beside another job). Float32 ``eigh`` would save another 1.7x on the eigendecomposition alone (4096: 14.5 -> 8.4 s).
 """
 
 from __future__ import annotations
@@ -269,7 +270,8 @@ def decompose(recipe: Recipe, X: torch.Tensor, k: int) -> dict[str, torch.Tensor
     :func:`vectors_to_keep`.
 
     ``svd``: ``X = M = U diag(sigma) V^T``: ``{U, sigma, Vh}``. ``gram``: ``X = M M^T = U diag(lam) U^T``:
-    ``{U, lam}``. ``tall``: ``M^T M = V diag(lam) V^T``, ``U = qr(M V)``: ``{U, lam}``. ``lam`` are the squared
+    ``{U, lam}``. ``tall``: ``M^T M = V diag(lam) V^T``, ``U = M V diag(lam)^-1/2`` (zero where ``sigma ~ 0``):
+    ``{U, lam}``. ``lam`` are the squared
     singular values of ``M``, ``U`` of the eigen kinds is kept in :data:`EIG_VECTORS`.
     """
     if recipe.kind == "svd":
@@ -281,7 +283,11 @@ def decompose(recipe: Recipe, X: torch.Tensor, k: int) -> dict[str, torch.Tensor
         U = U[:, :vectors_to_keep(*recipe.shape, k)]
     elif recipe.kind == "tall":
         lam, V = descending_eigh(X.T @ X)
-        U = torch.linalg.qr(X @ V[:, :vectors_to_keep(*X.shape, k)]).Q
+        keep = vectors_to_keep(*X.shape, k)
+        sigma = lam[:keep].sqrt()
+        live = sigma > SIGMA_FLOOR * sigma.max()
+        U = (X @ V[:, :keep]) / torch.where(live, sigma, torch.ones_like(sigma))   # u_i = M v_i / sigma_i
+        U[:, ~live] = 0.0           # no energy in X's directions: any u_i would do, none is kept
     else:
         raise ValueError(f"unknown decomposition kind {recipe.kind!r}")
     return {"U": U.to(EIG_VECTORS).contiguous(), "lam": lam}
@@ -336,10 +342,10 @@ def gram_truncation(W: torch.Tensor, k: int, left: torch.Tensor | None = None, r
 
     ``H_R``: ``I``, ``diag(right)^2`` or ``H`` (then ``R = root()``, by default :func:`psd_root`, built only for a
     tall ``W``). ``C_out = W H W^T`` (the Gram of the outputs, measured) replaces ``W H W^T``. ``U_k``: for
-    ``m <= n`` eigenvectors of ``C = M M^T = diag(l) W H_R W^T diag(l)``; for ``m > n`` ``qr(M V_k)``,
+    ``m <= n`` eigenvectors of ``C = M M^T = diag(l) W H_R W^T diag(l)``; for ``m > n`` ``M V_k Sigma_k^-1``,
     ``V_k`` eigenvectors of ``M^T M``, except with ``H_R = I`` (svd; fwsvd's row scaling), where
-    ``W' = W V_k V_k^T`` needs no ``U_k`` (:func:`right_projection_factors`). Returns ``A, B`` (:func:`projection_factors`) and every eigenvalue
-    ``lam`` (squared singular values of ``M``: the discarded ones sum to the truncation loss).
+    ``W' = W V_k V_k^T`` needs no ``U_k`` (:func:`right_projection_factors`). Returns ``A, B``
+    (:func:`projection_factors`) and every eigenvalue ``lam`` (squared singular values of ``M``: the discarded ones sum to the truncation loss).
 
     ``reuse``: ``W`` is the weight being compressed, so the decomposition may come from the provider (see
     :func:`thin_svd`); ``False`` for anything else, e.g. a residual that depends on the rank.
