@@ -333,17 +333,11 @@ def collect_statistics(ctx: RunContext, needs: frozenset[str],
     return result
 
 
-def fisher_information(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, reduce: str,
-                       device: torch.device) -> dict[str, torch.Tensor]:
-    """Per targeted matrix, squared LM-loss gradients summed over samples and reduced over ``rows``/``columns``.
-
-    ``rows``: importance of each output row (FWSVD paper), ``columns``: of each input column (ASVD code).
-    One backward pass per calibration sample; the whole model is on the device for it.
-    """
-    names = [f"{adapter.layer_prefix(i)}.{t}" for i in range(len(adapter.layers(model))) for t in adapter.targets]
-    weights = {name: model.get_submodule(name).weight for name in names}
-    sums = {name: torch.zeros(w.shape[0] if reduce == "rows" else w.shape[1], dtype=torch.float64)
-            for name, w in weights.items()}
+def _gradient_passes(model: nn.Module, weights: dict, input_ids: torch.Tensor, device: torch.device,
+                     desc: str) -> Iterator[None]:
+    """One backward pass of the LM loss per calibration sample, only ``weights`` requiring gradients; yields after
+    each pass (their ``.grad`` set, cleared afterwards). The whole model is on the device meanwhile; its
+    ``requires_grad`` flags and place are restored at the end."""
     model.to(device)
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -351,46 +345,47 @@ def fisher_information(model: nn.Module, adapter: Adapter, input_ids: torch.Tens
     for w in weights.values():
         w.requires_grad_(True)
     try:
-        for sample in tqdm(input_ids, desc="fisher", unit="sample"):
+        for sample in tqdm(input_ids, desc=desc, unit="sample"):
             ids = sample[None].to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            for name, w in weights.items():
-                g2 = w.grad.double() ** 2
-                sums[name] += (g2.sum(1) if reduce == "rows" else g2.sum(0)).cpu()
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            yield
+            for w in weights.values():
                 w.grad = None
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
         model.to("cpu")
+
+
+def fisher_information(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, reduce: str,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """Per targeted matrix, squared LM-loss gradients summed over samples and reduced over ``rows``/``columns``.
+
+    ``rows``: importance of each output row (FWSVD paper), ``columns``: of each input column (ASVD code).
+    One backward pass per calibration sample (:func:`_gradient_passes`).
+    """
+    names = [f"{adapter.layer_prefix(i)}.{t}" for i in range(len(adapter.layers(model))) for t in adapter.targets]
+    weights = {name: model.get_submodule(name).weight for name in names}
+    sums = {name: torch.zeros(w.shape[0] if reduce == "rows" else w.shape[1], dtype=torch.float64)
+            for name, w in weights.items()}
+    for _ in _gradient_passes(model, weights, input_ids, device, "fisher"):
+        for name, w in weights.items():
+            g2 = w.grad.double() ** 2
+            sums[name] += (g2.sum(1) if reduce == "rows" else g2.sum(0)).cpu()
     return sums
 
 
 def loss_gradients(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, device: torch.device
                    ) -> list[LayerStats]:
     """Per decoder layer, the LM-loss gradient ``G = sum_samples dLoss/dW`` of each targeted matrix (float32,
-    statistic ``grad``, under the matrix's path like ``C_out``). One backward pass per calibration sample; the
-    whole model is on the device for it, as for :func:`fisher_information`."""
+    statistic ``grad``, under the matrix's path like ``C_out``). One backward pass per calibration sample
+    (:func:`_gradient_passes`), as for :func:`fisher_information`."""
     layers = adapter.layers(model)
     weights = {(i, t): layers[i].get_submodule(t).weight for i in range(len(layers)) for t in adapter.targets}
     sums = {key: torch.zeros(w.shape, dtype=torch.float32) for key, w in weights.items()}
-    model.to(device)
-    requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in weights.values():
-        w.requires_grad_(True)
-    try:
-        for sample in tqdm(input_ids, desc="gradient", unit="sample"):
-            ids = sample[None].to(device)
-            model(ids, labels=ids, use_cache=False).loss.backward()
-            for key, w in weights.items():
-                sums[key] += w.grad.float().cpu()
-                w.grad = None
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires[n])
-        model.to("cpu")
+    for _ in _gradient_passes(model, weights, input_ids, device, "gradient"):
+        for key, w in weights.items():
+            sums[key] += w.grad.float().cpu()
     return [LayerStats({t: SiteStats({"grad": sums[(i, t)]}) for t in adapter.targets}) for i in range(len(layers))]
 
 
