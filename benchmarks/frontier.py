@@ -1,0 +1,88 @@
+"""Issue 17's frontier: `sweeps/frontier.yaml` run (or resumed) and summarised as one table.
+
+    .venv/bin/python benchmarks/frontier.py [--collect] [--ratios 0.2,0.4] [extra overrides...]
+
+Runs ``svdexp-sweep frontier`` into ``outputs/sweeps/frontier`` (finished jobs are skipped, so an interrupted run
+resumes; its output goes to ``outputs/sweeps/frontier.log``); then reads every finished job and writes
+``benchmarks/results/frontier.{json,md}``: wiki / news perplexity per (method, policy) and ratio, the best wiki
+perplexity of each ratio in bold, and each policy's extra compression seconds against uniform allocation with the
+same method (``compression.seconds``; the policy's own part, ``allocation_seconds``, in brackets where recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import ROOT, run_app, write_results
+
+from svdexp.report import scan
+
+OUT = ROOT / "outputs" / "sweeps" / "frontier"
+POLICIES = ["uniform", "adacr", "last_layers", "v2", "global first_order", "global truncation_loss", "erank"]
+METHODS = {"svd_llm": "svd_llm", "svd_llm_closed_form": "svd_llm + closed_form", "adasvd": "adasvd (groups=0)"}
+
+
+def collect() -> list[dict]:
+    """One record per finished job: method, policy, ratio, perplexities, seconds."""
+    frame, _ = scan(OUT)
+    rows = []
+    for _, job in frame.iterrows():
+        config = job["config"]
+        policy = config["allocation"]["name"]
+        if policy == "global":
+            policy = f"global {config['allocation'].get('score', 'first_order')}"
+        results = json.loads(job["path"].read_text())
+        comp = results["compression"]
+        rows.append({"method": config["method"]["name"], "policy": policy, "ratio": float(config["ratio"]),
+                     "wiki": results["metrics"]["ppl"].get("wiki"), "news": results["metrics"]["ppl"].get("news"),
+                     "seconds": comp["seconds"],
+                     "allocation_seconds": comp.get("allocation_details", {}).get("allocation_seconds")})
+    return rows
+
+
+def markdown(rows: list[dict], ratios: list[float], command: str) -> str:
+    cell = {(r["method"], r["policy"], r["ratio"]): r for r in rows}
+    best = {ratio: min((r["wiki"] for r in rows if r["ratio"] == ratio), default=None) for ratio in ratios}
+    head = " | ".join(f"{ratio:.0%}: wiki / news | extra s" for ratio in ratios)
+    lines = [f"Measured by `.venv/bin/python {command}` (SmolLM2-135M, default protocol: 32 x 512 calibration "
+             "tokens, wiki / news perplexity over 64 chunks of 512; extra s: compression seconds minus those of "
+             "uniform allocation with the same method, the policy's own time in brackets).", "",
+             f"| method | policy | {head} |", "|---|---|" + "---|---|" * len(ratios)]
+    for method, label in METHODS.items():
+        for policy in POLICIES:
+            cells = []
+            for ratio in ratios:
+                r, base = cell.get((method, policy, ratio)), cell.get((method, "uniform", ratio))
+                if r is None:
+                    cells += ["–", "–"]
+                    continue
+                wiki = f"{r['wiki']:.2f}"
+                wiki = f"**{wiki}**" if r["wiki"] == best[ratio] else wiki
+                extra = "" if base is None else f"{r['seconds'] - base['seconds']:+.0f}"
+                if r["allocation_seconds"] is not None:
+                    extra += f" ({r['allocation_seconds']:.0f})"
+                cells += [f"{wiki} / {r['news']:.2f}", extra]
+            lines.append(f"| {label} | {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--collect", action="store_true", help="only rebuild the table from finished jobs")
+    parser.add_argument("--ratios", default="0.2,0.4")
+    args, extra = parser.parse_known_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if not args.collect:
+        OUT.mkdir(parents=True, exist_ok=True)
+        run_app(["frontier", "logger=none", *extra, f"hydra.sweep.dir={OUT}"], OUT.parent / "frontier.log",
+                module="svdexp.sweep")
+    rows = collect()
+    command = " ".join(["benchmarks/frontier.py", *sys.argv[1:]])
+    write_results("frontier", {"command": command, "rows": rows}, markdown(rows, ratios, command))
+    print(markdown(rows, ratios, command))
+
+
+if __name__ == "__main__":
+    main()
