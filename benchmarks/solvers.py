@@ -8,7 +8,9 @@ embedded model through the real app, one run at a time.
     .venv/bin/python benchmarks/solvers.py [--methods svd,svd_llm] [--ratios 0.2,0.4,0.6] [--keep-ppl]
 
 ``--keep-ppl``: time the decompositions only and keep part 2 from the previous results file (when the solver
-code of svd_llm has not changed since; its command is kept beside it).
+code of svd_llm has not changed since; its command is kept beside it). ``--update``: also keep the previous
+decomposition rows of the methods not named in ``--methods`` (re-measure a few after a change to them; every
+command that contributed is listed).
 
 Writes benchmarks/results/solvers.json and solvers.md. Run it on an otherwise idle machine.
 """
@@ -40,12 +42,17 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--ratios", default="0.2,0.4,0.6")
     parser.add_argument("--keep-ppl", action="store_true", help="keep the perplexities of the previous results")
+    parser.add_argument("--update", action="store_true", help="--keep-ppl, and keep the other methods' rows")
     args = parser.parse_args()
+    args.keep_ppl = args.keep_ppl or args.update
     out: dict = {"command": " ".join(["benchmarks/solvers.py", *sys.argv[1:]]), "decomposition": {},
                  "prefix": {}, "ppl": {}}
     if args.keep_ppl:
         previous = json.loads((RESULTS / "solvers.json").read_text())
         out["ppl"], out["ppl_command"] = previous["ppl"], previous.get("ppl_command", previous["command"])
+    if args.update:
+        out["decomposition"], out["prefix"] = previous["decomposition"], previous.get("prefix", {})
+        out["command"] = f"{previous['command']}` then `.venv/bin/python {out['command']}"
     for method in args.methods.split(","):
         for solver in SOLVERS:
             # svd_llm's 20 % runs are both timed and evaluated in full; the others evaluate one chunk

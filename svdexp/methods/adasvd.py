@@ -3,7 +3,8 @@
 Start from the SVD-LLM factors (whitened truncation with ``H``, by ``solver``), then alternate ``iters`` rounds of
   A-step  ``A = W H' B^T (B H' B^T)^+``   (least squares in ``A`` for ``min ||(W - A B) X'||_F``)
   B-step  ``B = (A^T A)^+ A^T W``          (least squares in ``B``; the minimiser for any full-rank ``H'``)
-with SVD pseudo-inverses. ``H'`` is
+with SVD pseudo-inverses (``solver: auto``: Cholesky solves, :func:`~svdexp.methods.linalg.pinv_solve`).
+``H'`` is
   * ``stats["H_stack"]`` when ``groups > 0``: stack-of-batch, the Gram matrix of inputs averaged element-wise over
     ``groups`` shuffled groups of calibration samples;
   * otherwise ``stats["H_prefix"]`` (**decision**): the Gram matrix of the inputs produced by the already
@@ -41,7 +42,8 @@ def adasvd(W: torch.Tensor, stats, k: int, options) -> Factors:
     """SVD-LLM whitening at rank ``k`` followed by ``iters`` alternating least-squares rounds on ``H'``."""
     A, B = whitened_truncation(W, stats, k, options)
     H_ada = adacomp_statistic(stats, options)
+    solver = options.get("solver", "svd")
     for _ in range(int(options.get("iters", 1))):
-        A = solve_left_factor(W, B, H_ada)
-        B = solve_right_factor(W, A)
+        A = solve_left_factor(W, B, H_ada, solver)
+        B = solve_right_factor(W, A, solver)
     return A, B

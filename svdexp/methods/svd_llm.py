@@ -13,8 +13,8 @@ all such needs no ``H`` (``needs``: ``C_out`` and ``H_tall``, see :mod:`svdexp.c
 
 ``update: closed_form`` (arXiv v1, "step 2" of the reference code): keep ``B`` and re-fit ``A`` to the inputs
 ``X~`` produced by the already-compressed prefix, ``A = W H~ B^T (B H~ B^T)^-1`` with ``H~ = X~ X~^T``
-(``stats["H_prefix"]``; solved with an SVD pseudo-inverse). With ``propagate: compressed`` ``H`` already is
-``H~`` and the update changes nothing.
+(``stats["H_prefix"]``; solved with an SVD pseudo-inverse, with ``solver: auto`` a Cholesky solve). With
+``propagate: compressed`` ``H`` already is ``H~`` and the update changes nothing.
 """
 
 from __future__ import annotations
@@ -49,5 +49,5 @@ def svd_llm(W: torch.Tensor, stats, k: int, options) -> Factors:
     """Whitened truncation of ``W`` at rank ``k``, optionally followed by the closed-form update of ``A``."""
     A, B = whitened_truncation(W, stats, k, options)
     if options.get("update", "none") == "closed_form":
-        A = solve_left_factor(W, B, stats["H_prefix"])
+        A = solve_left_factor(W, B, stats["H_prefix"], options.get("solver", "svd"))
     return A, B

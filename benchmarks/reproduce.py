@@ -1,0 +1,61 @@
+"""Do README's numbers reproduce? Re-runs cells of the methods table (`benchmarks/results/methods_table.json`,
+measured with the papers' solver before `method.solver=auto` became the default) through today's app with
+`method.solver=svd` and the cell's own overrides, and compares the perplexities digit for digit.
+
+    .venv/bin/python benchmarks/reproduce.py [--cells svd@0.2,svd_llm@0.2,...]
+
+The default cells are the methods x policies table's uniform column (svd_llm, adasvd, ressvd at 20 and 40 %) and
+the svd / svd_llm 20 % cells. Writes benchmarks/results/reproduce.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, run_app, write_results
+
+CELLS = "svd@0.2,svd_llm@0.2,svd_llm@0.4,adasvd@0.2,adasvd@0.4,ressvd@0.2,ressvd@0.4"
+FIXED = ["logger=none", "threads=1", "method.solver=svd", "calib.cache=false", "calib.cache_svd=false"]
+
+
+def printed(ppl: float) -> str:
+    """A perplexity as README prints it: two decimals below 1,000, else a whole number with separators."""
+    return f"{ppl:.2f}" if ppl < 1000 else f"{ppl:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", default=CELLS, help="method table labels @ ratio")
+    args = parser.parse_args()
+    recorded = {(r["method"], r["ratio"]): r for r in json.loads((RESULTS / "methods_table.json").read_text())}
+    rows = []
+    for cell in args.cells.split(","):
+        label, ratio = cell.split("@")
+        before = recorded[(label, float(ratio))]
+        with tempfile.TemporaryDirectory() as tmp:
+            run_app([*before["overrides"], *FIXED, f"hydra.run.dir={tmp}"])
+            now = json.loads((Path(tmp) / "results.json").read_text())["metrics"]["ppl"]
+        row = {"cell": cell, "overrides": before["overrides"], "before": {d: before[d] for d in now}, "now": now,
+               "identical": all(now[d] == before[d] for d in now),
+               "as_printed": all(printed(now[d]) == printed(before[d]) for d in now),
+               "max_relative_difference": max(abs(now[d] / before[d] - 1) for d in now)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    command = " ".join(["benchmarks/reproduce.py", *sys.argv[1:]])
+    lines = [f"Measured by `.venv/bin/python {command}` (overrides of each cell plus `{' '.join(FIXED)}`).", "",
+             "| cell | wiki before | wiki now | news before | news now | bit for bit | as printed | max rel. diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['before']['wiki']!r} | {r['now']['wiki']!r} | {r['before']['news']!r} | "
+                     f"{r['now']['news']!r} | {'yes' if r['identical'] else 'no'} | "
+                     f"{'yes' if r['as_printed'] else 'no'} | {r['max_relative_difference']:.1e} |")
+    write_results("reproduce", {"command": command, "rows": rows}, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
