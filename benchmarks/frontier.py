@@ -35,7 +35,10 @@ def collect() -> list[dict]:
             policy = f"global {config['allocation'].get('score', 'first_order')}"
         results = json.loads(job["path"].read_text())
         comp = results["compression"]
-        rows.append({"method": config["method"]["name"], "policy": policy, "ratio": float(config["ratio"]),
+        method = config["method"]["name"]
+        if config["method"].get("update", "none") == "closed_form":
+            method = "svd_llm_closed_form"
+        rows.append({"method": method, "policy": policy, "ratio": float(config["ratio"]),
                      "wiki": results["metrics"]["ppl"].get("wiki"), "news": results["metrics"]["ppl"].get("news"),
                      "seconds": comp["seconds"],
                      "allocation_seconds": comp.get("allocation_details", {}).get("allocation_seconds")})
@@ -68,6 +71,23 @@ def markdown(rows: list[dict], ratios: list[float], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact(rows: list[dict], ratios: list[float]) -> str:
+    """README's version: one row per policy, wiki perplexity per method and ratio, the best of each ratio bold."""
+    cell = {(r["method"], r["policy"], r["ratio"]): r["wiki"] for r in rows}
+    best = {ratio: min((r["wiki"] for r in rows if r["ratio"] == ratio), default=None) for ratio in ratios}
+    columns = [(method, ratio) for ratio in ratios for method in METHODS]
+    lines = ["| policy | " + " | ".join(f"{METHODS[m]} {ratio:.0%}" for m, ratio in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for policy in POLICIES:
+        cells = []
+        for method, ratio in columns:
+            wiki = cell.get((method, policy, ratio))
+            text = "–" if wiki is None else f"{wiki:.2f}"
+            cells.append(f"**{text}**" if wiki is not None and wiki == best[ratio] else text)
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collect", action="store_true", help="only rebuild the table from finished jobs")
@@ -80,8 +100,9 @@ def main() -> None:
                 module="svdexp.sweep")
     rows = collect()
     command = " ".join(["benchmarks/frontier.py", *sys.argv[1:]])
-    write_results("frontier", {"command": command, "rows": rows}, markdown(rows, ratios, command))
-    print(markdown(rows, ratios, command))
+    text = markdown(rows, ratios, command) + "\nWiki perplexity only, one row per policy:\n\n" + compact(rows, ratios)
+    write_results("frontier", {"command": command, "rows": rows}, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT, TINY, offline_env, read_results
 
 
@@ -50,6 +48,7 @@ def test_statistics_are_cached_shared_and_rebuilt_when_corrupt(tmp_path):
     assert c["metrics"]["ppl"] == a["metrics"]["ppl"]
     # and without the cache, everything is computed again
     fourth = run(["method=svd_llm", "calib.cache=false"], tmp_path / "d", cache)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
     assert read_results(tmp_path / "d")["compression"]["statistics"] == {"cached": [], "computed": ["C_out", "H_tall"]}
 
 
