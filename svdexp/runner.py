@@ -200,27 +200,33 @@ def _compress(cfg, ctx: RunContext, shapes: list[dict]) -> tuple[Allocation, dic
     compression record."""
     alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
     plan = StatsPlan.for_run(ctx.method, cfg.method.propagate, cfg.allocation.name, ctx.options, alloc_cfg)
-    with RunStatistics(ctx, plan) as stats, tempfile.TemporaryDirectory(prefix="svdexp-svd-memo-") as memo:
+    with RunStatistics(ctx, plan) as stats:
         t0 = time.perf_counter()
         stats.prepare()                                            # calibrate (or find it in the cache)
         calib_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         svds = SVDCache(ctx.fingerprint, ctx.device.type) if ctx.svd_cache else None
-        if svds is None and "spectra" in policy_needs(cfg.allocation.name, alloc_cfg) \
-                and cfg.method.propagate == "original":
-            # calib.cache_svd=false: the policy's decompositions are kept for this run only (a private folder),
-            # so that compression does not decompose the same matrices again
-            provider = SVDCache(ctx.fingerprint, ctx.device.type, root=Path(memo))
-        else:
-            provider = svds
-        with svd_provider(provider):
+        with _provider(cfg, ctx, alloc_cfg, svds) as provider, svd_provider(provider):
             alloc = _allocate(cfg, ctx, stats, shapes)             # allocate
             result = compress_model(ctx, stats, alloc.ranks)       # compress
     record = {"damped_sites": result.damped_sites, "statistics": stats.record,
               "svd_cache": svds.record() if svds is not None else None, "calibration_seconds": calib_seconds,
               "decomposition_seconds": time.perf_counter() - t1, "prefix_seconds": result.prefix_seconds}
     return alloc, record
+
+
+@contextmanager
+def _provider(cfg, ctx: RunContext, alloc_cfg: dict, svds: SVDCache | None) -> Iterator[SVDCache | None]:
+    """The run's SVD provider: ``svds``; or, with calib.cache_svd=false, a spectral policy and
+    ``propagate=original``, a memo in a private temporary folder, so that compression does not decompose the
+    policy's matrices again."""
+    if svds is not None or "spectra" not in policy_needs(cfg.allocation.name, alloc_cfg) \
+            or cfg.method.propagate != "original":
+        yield svds
+        return
+    with tempfile.TemporaryDirectory(prefix="svdexp-svd-memo-") as memo:
+        yield SVDCache(ctx.fingerprint, ctx.device.type, root=Path(memo))
 
 
 def _allocate(cfg, ctx: RunContext, stats: RunStatistics, shapes: list[dict]) -> Allocation:

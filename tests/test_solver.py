@@ -172,6 +172,24 @@ def test_the_two_solvers_never_share_an_entry(tmp_path, monkeypatch, shape):
     assert (cache.computed, cache.reused) == (2, 2)
 
 
+@pytest.mark.parametrize("shape", ["wide", "tall"])
+def test_the_spectral_policies_decompose_what_svd_llm_reads(tmp_path, monkeypatch, shape):
+    """matrix_spectrum and svd_llm's auto solver choose C_out or H alike (svd_llm.whitening): one entry."""
+    from svdexp.allocation.spectra import matrix_spectrum
+    monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path))
+    W, X, stats = _problem(shape, 7)
+    if shape == "wide":
+        stats = MatrixStats(SiteStats({}), {"C_out": (W @ X) @ (W @ X).T})
+    cache = SVDCache("model")
+    with svd_provider(cache), weight_in_use("q"):
+        lam = matrix_spectrum(W, stats, first_order=False).lam
+        A, B = _factors("svd_llm", W, stats, 4, "auto")
+    assert (cache.computed, cache.reused) == (1, 1)
+    A0, B0 = _factors("svd_llm", W, stats, 4, "auto")
+    assert torch.equal(A, A0) and torch.equal(B, B0)
+    assert abs(lam[4:].sum().item() / _discarded(W, X @ X.T, 4) - 1) < 1e-6
+
+
 @pytest.mark.parametrize("name,options,original,prefix", [
     ("svd_llm", {"solver": "auto"}, {"C_out", "H_tall"}, set()),
     ("svd_llm", {"solver": "auto", "propagate": "compressed"}, set(), {"C_out", "H_tall"}),

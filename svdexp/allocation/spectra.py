@@ -1,10 +1,10 @@
 """The whitened spectrum of every targeted matrix, for the matrix-level policies (:data:`~svdexp.allocation.SPECTRAL`).
 
-Each matrix is decomposed exactly as SVD-LLM's ``auto`` solver decomposes it (:func:`~svdexp.methods.svd_llm.
-whitened_truncation`: :func:`~svdexp.methods.linalg.gram_truncation` with ``C_out`` where it was collected, else
-``H``), at the break-even rank, inside the run's SVD provider and under the weight's name: the decomposition is the
-same entry (same recipe, same statistics) that the compression of svd_llm, adasvd or ressvd (``solver=auto``)
-asks for afterwards, which then reads it from the cache instead of decomposing again.
+Each matrix is decomposed exactly as SVD-LLM's ``auto`` solver decomposes it (:func:`~svdexp.methods.linalg.
+gram_truncation` with :func:`~svdexp.methods.svd_llm.whitening`: ``C_out`` where it was collected, else ``H``), at
+the break-even rank, inside the run's SVD provider and under the weight's name: the decomposition is the same entry
+(same recipe, same statistics) that the compression of svd_llm, adasvd or ressvd (``solver=auto``) asks for
+afterwards, which then reads it from the cache instead of decomposing again.
 
 ``first_order``: also ``dL_i = -u_i^T G W^T u_i`` of the kept components, ``G`` the summed loss gradient (the
 statistic ``grad``). From the balanced factors ``A = U Sigma^1/2``, ``B = Sigma^-1/2 U^T W`` this is
@@ -20,15 +20,13 @@ from svdexp.calibration import MatrixStats
 from svdexp.compress import _site_stats
 from svdexp.context import RunContext
 from svdexp.methods.linalg import gram_truncation, weight_in_use
+from svdexp.methods.svd_llm import whitening
 from svdexp.statistics import RunStatistics
 
 
 def matrix_spectrum(W: torch.Tensor, stats: MatrixStats, first_order: bool) -> Spectrum:
     """The whitened spectrum of ``W`` (float64) with its statistics ``stats`` (``C_out`` or ``H``; ``grad``)."""
-    m, n = W.shape
-    C_out = stats["C_out"] if "C_out" in stats else None
-    A, B, lam = gram_truncation(W, break_even(m, n), H=None if C_out is not None else stats["H"],
-                                root=lambda: stats.root("H"), C_out=C_out)
+    A, B, lam = gram_truncation(W, break_even(*W.shape), whitening(stats))
     if not first_order:
         return Spectrum(lam.cpu())
     G = stats["grad"].double()

@@ -10,37 +10,23 @@ from __future__ import annotations
 from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 
-class SvdexpLlamaConfig(LlamaConfig):
-    """``LlamaConfig`` with the svdexp rank map."""
+class SvdexpFields:
+    """The three fields every svdexp configuration adds to its family's (class attributes: their defaults)."""
 
-    model_type = "svdexp_llama"
     svdexp_ranks: dict | None = None
     svdexp_settings: dict | None = None
-    svdexp_base_model_type: str | None = "llama"
+    svdexp_base_model_type: str | None = None
 
 
-class SvdexpMistralConfig(MistralConfig):
-    """``MistralConfig`` with the svdexp rank map."""
-
-    model_type = "svdexp_mistral"
-    svdexp_ranks: dict | None = None
-    svdexp_settings: dict | None = None
-    svdexp_base_model_type: str | None = "mistral"
-
-
-class SvdexpQwen2Config(Qwen2Config):
-    """``Qwen2Config`` with the svdexp rank map."""
-
-    model_type = "svdexp_qwen2"
-    svdexp_ranks: dict | None = None
-    svdexp_settings: dict | None = None
-    svdexp_base_model_type: str | None = "qwen2"
+def _svdexp_config(base: type, family: str) -> type:
+    """``base`` (the family's transformers configuration) with the svdexp fields, as ``model_type`` svdexp_<family>."""
+    name = f"Svdexp{base.__name__}"
+    return type(name, (SvdexpFields, base), {"__doc__": f"``{base.__name__}`` with the svdexp rank map.",
+                                             "__qualname__": name, "model_type": f"svdexp_{family}",
+                                             "svdexp_base_model_type": family})
 
 
-class SvdexpOPTConfig(OPTConfig):
-    """``OPTConfig`` with the svdexp rank map."""
-
-    model_type = "svdexp_opt"
-    svdexp_ranks: dict | None = None
-    svdexp_settings: dict | None = None
-    svdexp_base_model_type: str | None = "opt"
+SvdexpLlamaConfig = _svdexp_config(LlamaConfig, "llama")
+SvdexpMistralConfig = _svdexp_config(MistralConfig, "mistral")
+SvdexpQwen2Config = _svdexp_config(Qwen2Config, "qwen2")
+SvdexpOPTConfig = _svdexp_config(OPTConfig, "opt")

@@ -217,7 +217,7 @@ def scaled_factors(W: torch.Tensor, k: int, left: torch.Tensor | None = None,
     ``W`` is the weight being compressed (its SVD may come from the provider, see :func:`thin_svd`).
     """
     if solver == "auto":
-        return gram_truncation(W, k, left=left, right=right)[:2]
+        return gram_truncation(W, k, Weighting(left=left, right=right))[:2]
     inputs = {side: v for side, v in (("left", left), ("right", right)) if v is not None}
     A, B = split_sqrt(*truncated_svd(lambda: scaled(W, left, right), k,
                                      Recipe("diag(left) W diag(right)", inputs)))
@@ -348,24 +348,34 @@ def right_projection_factors(W: torch.Tensor, V: torch.Tensor, lam: torch.Tensor
     return (W.double() @ V) / root, root[:, None] * V.T
 
 
-def gram_truncation(W: torch.Tensor, k: int, left: torch.Tensor | None = None, right: torch.Tensor | None = None,
-                    H: torch.Tensor | None = None, root: Callable[[], torch.Tensor] | None = None,
-                    C_out: torch.Tensor | None = None, reuse: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Solver ``auto``: ``min_{rank k} ||diag(l) (W - W') R||_F`` with ``R R^T = H_R``, without ``R^-1``:
-    ``W' = diag(l)^-1 U_k U_k^T diag(l) W``, ``U_k`` the top-``k`` left singular vectors of ``M = diag(l) W R``.
+@dataclass(frozen=True)
+class Weighting:
+    """The norm ``||diag(l) (W - W') R||_F``, ``R R^T = H_R``, that :func:`gram_truncation` minimises: ``l = left``
+    (``None``: 1); ``H_R`` is ``I``, ``diag(right)^2`` or ``H`` (then ``R = root()``, by default :func:`psd_root`,
+    built only for a tall ``W``); ``C_out = W H W^T`` (the Gram of the outputs, measured) replaces ``W H W^T``."""
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    H: torch.Tensor | None = None
+    root: Callable[[], torch.Tensor] | None = None
+    C_out: torch.Tensor | None = None
 
-    ``H_R``: ``I``, ``diag(right)^2`` or ``H`` (then ``R = root()``, by default :func:`psd_root`, built only for a
-    tall ``W``). ``C_out = W H W^T`` (the Gram of the outputs, measured) replaces ``W H W^T``. ``U_k``: for
-    ``m <= n`` eigenvectors of ``C = M M^T = diag(l) W H_R W^T diag(l)``; for ``m > n`` ``M V_k Sigma_k^-1``,
-    ``V_k`` eigenvectors of ``M^T M``, except with ``H_R = I`` (svd; fwsvd's row scaling), where
-    ``W' = W V_k V_k^T`` needs no ``U_k`` (:func:`right_projection_factors`). Returns ``A, B``
+
+def gram_truncation(W: torch.Tensor, k: int, weighting: Weighting = Weighting(), reuse: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solver ``auto``: ``min_{rank k} ||diag(l) (W - W') R||_F`` with ``R R^T = H_R`` (``weighting``, see
+    :class:`Weighting`), without ``R^-1``: ``W' = diag(l)^-1 U_k U_k^T diag(l) W``, ``U_k`` the top-``k`` left
+    singular vectors of ``M = diag(l) W R``.
+
+    ``U_k``: for ``m <= n`` eigenvectors of ``C = M M^T = diag(l) W H_R W^T diag(l)`` (or ``C_out``); for
+    ``m > n`` ``M V_k Sigma_k^-1``, ``V_k`` eigenvectors of ``M^T M``, except with ``H_R = I`` (svd; fwsvd's row
+    scaling), where ``W' = W V_k V_k^T`` needs no ``U_k`` (:func:`right_projection_factors`). Returns ``A, B``
     (:func:`projection_factors`) and every eigenvalue ``lam`` (squared singular values of ``M``: the discarded
     ones sum to the truncation loss).
 
     ``reuse``: ``W`` is the weight being compressed, so the decomposition may come from the provider (see
     :func:`thin_svd`); ``False`` for anything else, e.g. a residual that depends on the rank.
     """
+    left, right, H, root, C_out = weighting.left, weighting.right, weighting.H, weighting.root, weighting.C_out
     m, n = W.shape
     inputs = {name: t for name, t in (("left", left), ("right", right), ("H", H), ("C_out", C_out))
               if t is not None}

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from svdexp.methods import Factors, register
-from svdexp.methods.linalg import gram_truncation, solve_left_factor, whitened_factors
+from svdexp.methods.linalg import Weighting, gram_truncation, solve_left_factor, whitened_factors
 
 
 def _needs(options: Mapping[str, Any]) -> set[str]:
@@ -33,13 +33,19 @@ def _needs(options: Mapping[str, Any]) -> set[str]:
     return {"C_out", "H_tall"} if options.get("solver", "svd") == "auto" else {"H"}
 
 
+def whitening(stats, reuse: bool = True) -> Weighting:
+    """SVD-LLM's norm ``||(W - W') X||_F`` for :func:`~svdexp.methods.linalg.gram_truncation`: ``C_out = W H W^T``
+    when present and ``reuse`` (``W`` is the weight being compressed, not e.g. a residual), else ``H_R = H`` with
+    ``R = stats.root("H")``."""
+    C_out = stats["C_out"] if reuse and "C_out" in stats else None
+    H = None if C_out is not None else stats["H"]
+    return Weighting(H=H, root=lambda: stats.root("H"), C_out=C_out)
+
+
 def whitened_truncation(W: torch.Tensor, stats, k: int, options: Mapping[str, Any], reuse: bool = True) -> Factors:
-    """SVD-LLM's truncation of ``W`` at rank ``k`` by ``options["solver"]``; ``C_out`` is used when present
-    and ``reuse`` (``W`` is the weight being compressed, not e.g. a residual)."""
+    """SVD-LLM's truncation of ``W`` at rank ``k`` by ``options["solver"]`` (``reuse``: see :func:`whitening`)."""
     if options.get("solver", "svd") == "auto":
-        C_out = stats["C_out"] if reuse and "C_out" in stats else None
-        H = None if C_out is not None else stats["H"]
-        return gram_truncation(W, k, H=H, root=lambda: stats.root("H"), C_out=C_out, reuse=reuse)[:2]
+        return gram_truncation(W, k, whitening(stats, reuse), reuse)[:2]
     S = stats.cholesky("H", eps=options.get("damping", 1e-6))
     return whitened_factors(W, S, k, reuse)[:2]
 
