@@ -111,16 +111,19 @@ def app_env(cache: Path | None = None) -> dict[str, str]:
 
 
 def run_app(args: list[str], log: Path | None = None, cache: Path | None = None, module: str = "svdexp.app",
-            check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m <module> args`` from the repository root (``svdexp.sweep`` for a sweep), its output into
-    ``log`` or captured; with ``check``, a failure raises with the end of that output."""
+            check: bool = True, root: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` from the repository root (``svdexp.sweep`` for a sweep; ``root``: the app of
+    another checkout, e.g. a git worktree at an older commit), its output into ``log`` or captured; with
+    ``check``, a failure raises with the end of that output."""
     cmd = [sys.executable, "-m", module, *args]
+    env = app_env(cache)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     if log is None:
-        proc = subprocess.run(cmd, cwd=ROOT, env=app_env(cache), capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
         tail = proc.stderr[-3000:]
     else:
         with open(log, "w") as fh:
-            proc = subprocess.run(cmd, cwd=ROOT, env=app_env(cache), stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT)
         tail = Path(log).read_text()[-3000:]
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
