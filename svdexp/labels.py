@@ -1,9 +1,5 @@
-"""Row labels of the report, as the papers name their methods: ``SVD-LLM (closed-form update) + adaCR [alpha=0.25]``.
-
-A row is a method, its update variant and allocation policy, and the options that differ from their defaults (the
-schema's, overlaid by ``conf/<group>/<name>.yaml``); where two experiments would still share a label, the config keys
-that tell them apart join it. :mod:`svdexp.published` names our counterpart of each paper row by this label.
-"""
+"""Row labels as the papers name methods, ``SVD-LLM (closed-form update) + adaCR [alpha=0.25]``: method, update,
+policy, non-default options, and where two experiments would still share a label, the config keys that differ."""
 
 from __future__ import annotations
 
@@ -26,11 +22,11 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 METHOD_LABELS = {"none": "Dense", "svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD", "svd_llm": "SVD-LLM",
                  "adasvd": "AdaSVD", "ressvd": "ResSVD"}
 ALLOCATION_LABELS = {"adacr": "adaCR", "last_layers": "last-layers"}
-# Config keys that never tell two experiments apart (where/how fast they ran, how they were logged).
+# Config keys that never tell two experiments apart (where/how fast they ran, how they were logged); for the dense
+# model, neither do the method, the allocation and the calibration.
 IGNORED_KEYS = ("sweep", "logger", "tags", "device", "hydra", "ratio", "calib.batch_size", "calib.cache",
                 "calib.cache_svd", "eval.ppl.batch_size", "eval.zeroshot.batch_size", "eval.cache_dense",
                 "eval.cache_responses", "eval.dense_baseline")
-# For the dense model, neither the method nor the allocation nor the calibration matters.
 IGNORED_DENSE = ("method", "allocation", "calib")
 
 
@@ -41,21 +37,18 @@ def row_order(method: str, update: str = "none", allocation: str = "uniform") ->
             policies.index(allocation) if allocation in policies else len(policies))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _option_defaults(group: str, name: str) -> dict[str, Any]:
     """Defaults of a method/allocation option: the schema's dataclass, overlaid by ``conf/<group>/<name>.yaml``."""
     from svdexp.config import AllocationConfig, MethodConfig
 
     schema = {"method": MethodConfig, "allocation": AllocationConfig}[group]
-    defaults = {f.name: f.default for f in dataclasses.fields(schema)
-                if f.default is not dataclasses.MISSING and f.name != "name"}
+    defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
     path = CONF_DIR / group / f"{name}.yaml"
-    if path.is_file():
-        try:
-            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-            defaults.update({k: v for k, v in loaded.items() if k not in ("defaults", "name")})
-        except Exception as err:  # a broken YAML must not stop the report
-            log.warning("svdexp-report: could not read %s: %s", path, err)
+    try:   # a broken YAML must not stop the report
+        defaults.update(OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {})
+    except Exception as err:
+        log.warning("svdexp-report: could not read %s: %s", path, err)
     return defaults
 
 
@@ -72,12 +65,11 @@ def _differs(value: Any, default: Any) -> bool:
 def option_extras(config: dict, method: str, allocation: str) -> list[str]:
     """Non-default method and allocation options, as ``key=value`` (the update variant has its own words)."""
     out = []
-    for group, name, skip in (("method", method, {"name", "update"}), ("allocation", allocation, {"name"})):
-        defaults = _option_defaults(group, name)
-        for key, value in (config.get(group) or {}).items():
-            # unknown keys only show up when they separate two rows (see disambiguate)
-            if key not in skip and key in defaults and _differs(value, defaults[key]):
-                out.append(f"{'K' if (group, key) == ('allocation', 'num_layers') else key}={_fmt_option(value)}")
+    for group, name in (("method", method), ("allocation", allocation)):
+        defaults = _option_defaults(group, name)   # unknown keys only show up where they separate two rows
+        out += [f"{'K' if (group, key) == ('allocation', 'num_layers') else key}={_fmt_option(value)}"
+                for key, value in (config.get(group) or {}).items()
+                if key not in ("name", "update") and key in defaults and _differs(value, defaults[key])]
     return out
 
 

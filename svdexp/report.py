@@ -1,11 +1,5 @@
-"""`svdexp-report <sweep dir>`: a sweep's results as paper-style tables (Markdown, LaTeX, CSV) and a plot.
-
-:func:`scan` reads every ``results.json`` under the sweep (``.hydra`` skipped; invalid, unfinished and missing ones
-are listed as incomplete) into one tidy frame, a row per job, labelled by :mod:`svdexp.labels`. :func:`build_report`
-keeps the newest job per (model, row, ratio), makes a :class:`Section` per model and joins the paper's numbers
-(``sweep.paper_table``) as a second frame of the same shape: beside ours (same model: "ours / paper" cells) or below.
-A section pivots into rows x (ratio, metric), written by :mod:`svdexp.tables`; the CSV and the W&B table are the
-tidy frames themselves."""
+"""`svdexp-report <sweep dir>`: a sweep as paper-style tables (Markdown, LaTeX, CSV) and a plot, from one tidy frame
+of its jobs (:func:`scan`) and a second one of the paper's numbers (``sweep.paper_table``), beside ours or below."""
 
 from __future__ import annotations
 
@@ -33,13 +27,7 @@ from svdexp.tracking import log_report_table
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("report.md", "report.tex", "report.csv", "ppl_vs_ratio.png")
-# Columns of the CSV and the W&B table; "ppl" stands for a ``ppl_<dataset>`` column per dataset.
-RECORD_COLUMNS = ("source", "sweep", "model", "row", "method", "allocation", "target_ratio", "achieved_ratio_targeted",
-                  "achieved_ratio_model", "ppl", "mean_acc", "seconds", "weight_bytes", "counterpart",
-                  "duplicates_ignored", "results")
 
-
-# ----------------------------------------------------------------------------------------------- the frames
 
 def _num(value: Any) -> float | None:
     """A JSON number, or the strings "inf"/"-inf"/"nan" that results.json uses for non-finite values."""
@@ -51,8 +39,7 @@ def _num(value: Any) -> float | None:
 
 def _job(path: Path, data: dict) -> dict[str, Any]:
     """A job from its results.json (``ppl`` still a dict); KeyError/TypeError/... on a broken record."""
-    config = data.get("config") or {}
-    comp, metrics = data.get("compression") or {}, data.get("metrics") or {}
+    config, comp, metrics = (data.get(key) or {} for key in ("config", "compression", "metrics"))
     model = (data.get("model") or {}).get("name") or config["model"]["name"]
     method = str(comp.get("method") or config["method"]["name"])
     update = str((config.get("method") or {}).get("update", "none"))
@@ -70,19 +57,17 @@ def _job(path: Path, data: dict) -> dict[str, Any]:
             "ppl": {str(k): _num(v) for k, v in (metrics.get("ppl") or {}).items()},
             "dense_ppl": {str(k): _num(v) for k, v in (metrics.get("dense_ppl") or {}).items()},
             "mean_acc": _num(zeroshot.get("mean_acc")) if isinstance(zeroshot, dict) else None,
-            "achieved_ratio_targeted": _num(comp.get("achieved_ratio_targeted")),
-            "achieved_ratio_model": _num(comp.get("achieved_ratio_model")), "seconds": _num(comp.get("seconds")),
-            "weight_bytes": _num(comp.get("weight_bytes")), "path": path, "mtime": path.stat().st_mtime,
-            "config": config, "note": ""}
+            **{k: _num(comp.get(k)) for k in ("achieved_ratio_targeted", "achieved_ratio_model", "seconds",
+                                               "weight_bytes")},
+            "path": path, "mtime": path.stat().st_mtime, "config": config, "note": ""}
 
 
 def scan(sweep_dir: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """The tidy frame of every completed job under ``sweep_dir``, and the incomplete ones as ``(path, reason)``."""
-    jobs, incomplete, seen = [], [], set()
-    for path in sorted(sweep_dir.rglob("results.json")):
-        if ".hydra" in path.relative_to(sweep_dir).parts or not path.is_file():
-            continue
-        seen.add(path.parent)
+    jobs, incomplete = [], []
+    paths = [p for p in sorted(sweep_dir.rglob("results.json"))
+             if ".hydra" not in p.relative_to(sweep_dir).parts and p.is_file()]
+    for path in paths:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -97,10 +82,9 @@ def scan(sweep_dir: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
                 jobs.append(_job(path, data))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 incomplete.append((path, f"incomplete record ({err})"))
-    for hydra_dir in sorted(sweep_dir.rglob(".hydra")):
-        job_dir = hydra_dir.parent
-        if hydra_dir.is_dir() and job_dir not in seen and ".hydra" not in job_dir.relative_to(sweep_dir).parts:
-            incomplete.append((job_dir, "no results.json"))
+    seen = {p.parent for p in paths}
+    incomplete += [(h.parent, "no results.json") for h in sorted(sweep_dir.rglob(".hydra"))
+                   if h.is_dir() and h.parent not in seen and ".hydra" not in h.parent.relative_to(sweep_dir).parts]
     datasets = list(dict.fromkeys(d for job in jobs for d in job["ppl"]))
     frame = pd.DataFrame([{**job, **{f"ppl_{d}": job["ppl"].get(d) for d in datasets}} for job in jobs], dtype=object)
     return frame.drop(columns="ppl", errors="ignore"), incomplete
@@ -123,8 +107,6 @@ def _dense_baselines(jobs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=jobs.columns, dtype=object)
 
 
-# ----------------------------------------------------------------------------------------------- the report
-
 @dataclass
 class Section:
     """One model: its table cells (rows of the tidy frame, in table order) and the paper's table, if any."""
@@ -137,14 +119,10 @@ class Section:
     mode: str | None = None          # "side" (the paper's model: "ours / paper" cells), "below" (another model)
     protocol: str = ""
 
-    @property
-    def side(self) -> bool:
-        return self.mode == "side"
-
     def columns(self) -> list[tuple[float, str]]:
         """(ratio, metric) columns of the main table: ours, and side by side the paper's ratios and datasets too."""
         ratios, datasets, acc = set(self.jobs["target_ratio"]), list(self.datasets), self.has_acc
-        if self.side:
+        if self.mode == "side":
             ratios |= set(self.published.ratios)
             datasets += [d for d in self.published.datasets if d not in datasets]
             acc = acc or self.published.has_acc
@@ -153,7 +131,7 @@ class Section:
     def table(self) -> pd.DataFrame:
         """The main table; side by side, cells read "ours / paper" and the paper's other rows follow."""
         rows, columns = list(dict.fromkeys(self.jobs["row"])), self.columns()
-        if not self.side:
+        if self.mode != "side":
             return tables.wide(self.jobs, rows, columns)
         paper = self.published.frame()
         matched = paper["counterpart"].isin(rows)
@@ -163,20 +141,16 @@ class Section:
         theirs = tables.wide(paper.drop_duplicates(["row", "target_ratio"], keep="last"), rows, columns, paper=True)
         return (ours + " / " + theirs).mask((ours == MISSING_CELL) & (theirs == MISSING_CELL), MISSING_CELL)
 
-    def published_table(self) -> pd.DataFrame:
-        """The paper's table on its own, a first column naming our row of the same configuration."""
-        table, paper = self.published, self.published.frame()
+    def published_table(self) -> tuple[str, pd.DataFrame]:
+        """Heading and table of the paper's numbers below ours, a first column naming our row of each."""
+        table, paper, ours = self.published, self.published.frame(), set(self.jobs["row"])
         wide = tables.wide(paper, list(dict.fromkeys(paper["row"])),
                            tables.metric_columns(table.ratios, table.datasets, table.has_acc), paper=True)
-        ours = set(self.jobs["row"])
         wide.insert(0, ("Ours", ""), [p.match if p.match in ours else MISSING_CELL for p in table.rows])
-        return wide
-
-    def published_heading(self) -> str:
         evaluated = " / ".join(DATASET_LABELS.get(d, d) for d in self.datasets)
-        why = (f"a different model from this sweep's {self.model}" if self.model != self.published.model else
+        why = (f"a different model from this sweep's {self.model}" if self.model != table.model else
                f"the same model, but this sweep evaluated {evaluated}")
-        return f"Published ({self.published.heading()}) — {why}; compare orderings, not values"
+        return f"Published ({table.heading()}) — {why}; compare orderings, not values", wide
 
     def notes(self) -> list[str]:
         """Achieved ratios per group (never leave the reader guessing which ratio a number is), protocol, matches."""
@@ -185,7 +159,7 @@ class Section:
                     if group["achieved_ratio_targeted"].notna().any() and group["achieved_ratio_model"].notna().any()]
         notes = [f"Achieved ratio (targeted matrices / whole model): {'; '.join(achieved)}."] if achieved else []
         notes += [n for n in [self.protocol, *self.jobs["note"]] if n]
-        if self.side:
+        if self.mode == "side":
             ours = set(self.jobs["row"])
             pairs = [f"{p.match} ↔ {p.label}" for p in self.published.rows if p.match != p.label and p.match in ours]
             notes += [f"Rows matched to the paper's (ours ↔ paper): {'; '.join(pairs)}."] if pairs else []
@@ -204,13 +178,15 @@ class Report:
     sections: list[Section]
     num_jobs: int
     incomplete: list[tuple[Path, str]]
-    notes: list[str]
+    notes: list[str]                 # the sweep's: disagreements, incomplete jobs, duplicates, non-finite values
 
     def records(self) -> list[dict[str, Any]]:
         """The CSV and W&B rows: our tidy frame, then each published table shown (None where there is no value)."""
-        datasets = list(dict.fromkeys(d for s in self.sections
-                                      for d in [*s.datasets, *(s.published.datasets if s.published else [])]))
-        columns = [c for name in RECORD_COLUMNS for c in ([f"ppl_{d}" for d in datasets] if name == "ppl" else [name])]
+        datasets = dict.fromkeys(d for s in self.sections
+                                 for d in [*s.datasets, *(s.published.datasets if s.published else [])])
+        columns = ["source", "sweep", "model", "row", "method", "allocation", "target_ratio", "achieved_ratio_targeted",
+                   "achieved_ratio_model", *(f"ppl_{d}" for d in datasets), "mean_acc", "seconds", "weight_bytes",
+                   "counterpart", "duplicates_ignored", "results"]
         papers = {s.published.key: s.published.frame() for s in self.sections if s.published}
         return [{c: job.get(c) for c in columns} | {"sweep": self.sweep_name}
                 for frame in [self.jobs.assign(source="ours"), *papers.values()] for job in frame.to_dict("records")]
@@ -224,16 +200,17 @@ class Report:
                  "the mean zero-shot accuracy.", ""]
         for s in self.sections:
             lines += [f"## {s.model}", ""]
-            if s.side:
+            if s.mode == "side":
                 lines += [f"Each cell is **ours / paper** ({s.published.title}, {s.published.heading()}); "
                           "\"(paper only)\" rows have no counterpart among our runs.", ""]
             lines.append(tables.markdown(s.table(), "Method"))
             lines += ["", *(f"- {n}" for n in notes)] if (notes := s.notes()) else []
             if s.mode == "below":
-                lines += ["", f"### {s.published_heading()}", "", tables.markdown(s.published_table(),
-                          "Method (paper)"), "", *(f"- {n}" for n in s.published.remarks())]
+                heading, table = s.published_table()
+                lines += ["", f"### {heading}", "", tables.markdown(table, "Method (paper)"), "",
+                          *(f"- {n}" for n in s.published.remarks())]
             lines.append("")
-        lines += ["## Notes", "", *(f"- {n}" for n in self._notes())]
+        lines += ["## Notes", "", *(f"- {n}" for n in self.notes or ["None."])]
         return "\n".join(lines).rstrip() + "\n"
 
     def latex(self) -> str:
@@ -241,50 +218,47 @@ class Report:
         out = [f"% svdexp-report: sweep {self.sweep_name} ({self.num_jobs} jobs, {len(self.incomplete)} "
                "incomplete). Needs \\usepackage{booktabs}."]
         for s in self.sections:
-            caption = (f"{s.model}: token perplexity (lower is better) and mean zero-shot accuracy by target ratio "
-                       "(fraction of parameters removed).") + (f" Cells: ours / paper ({s.published.title})."
-                                                               if s.side else "")
-            out.append(tables.latex(s.table(), "Method", caption))
+            cells = f" Cells: ours / paper ({s.published.title})." if s.mode == "side" else ""
+            out.append(tables.latex(s.table(), "Method", f"{s.model}: token perplexity (lower is better) and mean "
+                                    f"zero-shot accuracy by target ratio (fraction of parameters removed).{cells}"))
             if s.mode == "below":
-                out.append(tables.latex(s.published_table().drop(columns="Ours", level=0), "Method (paper)",
-                                        f"{s.published_heading()}. {' '.join(s.published.remarks())}"))
+                heading, table = s.published_table()
+                out.append(tables.latex(table.drop(columns="Ours", level=0), "Method (paper)",
+                                        f"{heading}. {' '.join(s.published.remarks())}"))
         return "\n".join(out)
 
-    def _notes(self) -> list[str]:
-        notes = list(self.notes)
-        if self.incomplete:
-            listed = "; ".join(f"`{p.relative_to(self.sweep_dir)}` ({why})" for p, why in self.incomplete)
-            notes.append(f"Incomplete jobs ({len(self.incomplete)}), not in the tables: {listed}.")
-        for job in self.jobs.to_dict("records"):
-            where = f"{job['model']} / {job['row']} @ {pct(job['target_ratio'])}"
-            if job["ignored"]:
-                notes.append(f"{where}: {len(job['ignored']) + 1} jobs; used the newest (`{job['results']}`), "
-                             f"ignored {', '.join(f'`{p}`' for p in job['ignored'])}.")
-            bad = [c[4:] for c, v in job.items() if c.startswith("ppl_") and v is not None and not math.isfinite(v)]
-            if bad:
-                notes.append(f"{where}: non-finite perplexity on {', '.join(bad)}.")
-        return notes or ["None."]
+    def save(self, out_dir: str | Path | None = None) -> list[Path]:
+        """Write report.md, report.tex, report.csv and ppl_vs_ratio.png into ``out_dir`` (default: the sweep dir)."""
+        from svdexp.plots import plot_ppl_vs_ratio
+
+        paths = [Path(out_dir if out_dir is not None else self.sweep_dir) / name for name in OUTPUT_NAMES]
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        paths[0].write_text(self.markdown(), encoding="utf-8")
+        paths[1].write_text(self.latex(), encoding="utf-8")
+        # None is an empty cell, a measured NaN reads "nan" (pandas would write both as "")
+        cell = lambda v: "" if v is None else str(v) if isinstance(v, float) and not math.isfinite(v) else v  # noqa
+        pd.DataFrame(self.records(), dtype=object).map(cell).to_csv(paths[2], index=False)
+        # The plot: a panel per (model, dataset), a line per row, the paper's dashed beside ours.
+        panels = []
+        for s, dataset in [(s, d) for s in self.sections for d in s.datasets] or [(self.sections[0], "")]:
+            ours = s.jobs.assign(kind=s.jobs["dense"].map({True: "dense", False: "ours"}), line=s.jobs["row"])
+            paper = s.published.frame() if s.mode == "side" else pd.DataFrame(columns=["counterpart", "target_ratio"])
+            paper = paper[paper["counterpart"].isin(ours["row"]) & (paper["target_ratio"] > 0)]
+            data = pd.concat([pd.DataFrame({"line": f["line"], "kind": f["kind"], "ratio": f["target_ratio"] * 100,
+                                            "ppl": f.get(f"ppl_{dataset}", None)})
+                              for f in (ours, paper.assign(kind="paper", line=paper["counterpart"])) if len(f)],
+                             ignore_index=True)
+            panels.append((f"{s.model} — {DATASET_LABELS.get(dataset, dataset)}", data,
+                           sorted({r * 100 for r, _ in s.columns() if r > 0})))
+        plot_ppl_vs_ratio(panels, f"sweep {self.sweep_name}: perplexity vs target ratio", paths[3])
+        return paths
 
 
-# ----------------------------------------------------------------------------------------------- building
-
-def _choose_published(paper_table: str | None, model: str, datasets: list[str], notes: list[str]
-                      ) -> tuple[PublishedTable | None, str | None]:
-    table = PUBLISHED.get(paper_table) if paper_table else None
-    msg = f"sweep.paper_table={paper_table!r} has no published data (known: {', '.join(sorted(PUBLISHED))})."
-    if paper_table and table is None and msg not in notes:
-        notes.append(msg)
-    if table is None:
-        return None, None
-    return table, "side" if model == table.model and any(d in table.datasets for d in datasets) else "below"
-
-
-def _protocol(jobs: pd.DataFrame) -> str:
-    """Our perplexity protocol, as read from the newest job's config."""
-    ppl = (jobs.loc[jobs["mtime"].astype(float).idxmax(), "config"].get("eval") or {}).get("ppl") or {}
-    chunks = ppl.get("max_chunks")
-    return (f"Our perplexity: chunks of {ppl.get('seq_len')} tokens, "
-            f"{'all chunks' if chunks is None else f'first {chunks} chunks'} (the papers: all chunks of 2048)."
+def _protocol(config: dict) -> str:
+    """Our perplexity protocol, as read from a job's config."""
+    ppl = (config.get("eval") or {}).get("ppl") or {}
+    chunks = "all chunks" if ppl.get("max_chunks") is None else f"first {ppl['max_chunks']} chunks"
+    return (f"Our perplexity: chunks of {ppl.get('seq_len')} tokens, {chunks} (the papers: all chunks of 2048)."
             if ppl else "")
 
 
@@ -297,15 +271,19 @@ def build_report(sweep_dir: str | Path) -> Report:
     if jobs.empty:
         detail = f"; {len(incomplete)} incomplete job(s)" if incomplete else ""
         raise ConfigError(f"no completed job (results.json with status 'done') under {str(sweep_dir)!r}{detail}.")
-    notes: list[str] = []
     sweeps = [c["sweep"] for c in jobs["config"] if isinstance(c.get("sweep"), dict)]
-    names = Counter(s.get("name") for s in sweeps if s.get("name"))
+    names, papers = (Counter(s[key] for s in sweeps if s.get(key)) for key in ("name", "paper_table"))
     sweep_name = names.most_common(1)[0][0] if names else sweep_dir.resolve().name
-    papers = Counter(s.get("paper_table") for s in sweeps if s.get("paper_table"))
     paper_table = papers.most_common(1)[0][0] if papers else None
-    if len(names) > 1 or len(papers) > 1:
-        notes.append(f"Jobs disagree on the sweep: names {dict(names)}, paper tables {dict(papers)}; "
-                     f"using {sweep_name!r} / {paper_table!r}.")
+    notes = [f"Jobs disagree on the sweep: names {dict(names)}, paper tables {dict(papers)}; "
+             f"using {sweep_name!r} / {paper_table!r}."] if len(names) > 1 or len(papers) > 1 else []
+    published = PUBLISHED.get(paper_table)
+    if paper_table and published is None:
+        notes.append(f"sweep.paper_table={paper_table!r} has no published data "
+                     f"(known: {', '.join(sorted(PUBLISHED))}).")
+    if incomplete:
+        listed = "; ".join(f"`{p.relative_to(sweep_dir)}` ({why})" for p, why in incomplete)
+        notes.append(f"Incomplete jobs ({len(incomplete)}), not in the tables: {listed}.")
 
     # A table cell per (model, row, ratio): its newest job; older duplicates are named in the notes.
     jobs["row"] = disambiguate(jobs)
@@ -313,79 +291,49 @@ def build_report(sweep_dir: str | Path) -> Report:
     cells["results"] = [str(p.relative_to(sweep_dir)) for p in cells["path"]]
     cells = cells.sort_values(["mtime", "results"], ascending=False)
     key = ["model", "row", "target_ratio"]
-    older = cells[cells.duplicated(key)].groupby(key)["results"].agg(list)
-    cells = cells.drop_duplicates(key)
-    cells["ignored"] = [older.get(k, []) for k in zip(*(cells[c] for c in key))]
+    ignored = cells.groupby(key)["results"].agg(lambda paths: list(paths)[1:]).rename("ignored")
+    cells = cells.drop_duplicates(key).join(ignored, on=key)
     cells["duplicates_ignored"] = cells["ignored"].map(len)
     cells = cells.sort_values(["model", "order", "row", "target_ratio"], ignore_index=True)
+    links = {p.match: p.label for p in published.rows} if published else {}   # our row -> the paper's
+    cells["counterpart"] = [links.get(row, "") for row in cells["row"]]
+    for job in cells.to_dict("records"):
+        where = f"{job['model']} / {job['row']} @ {pct(job['target_ratio'])}"
+        if job["ignored"]:
+            notes.append(f"{where}: {len(job['ignored']) + 1} jobs; used the newest (`{job['results']}`), "
+                         f"ignored {', '.join(f'`{p}`' for p in job['ignored'])}.")
+        bad = [c[4:] for c, v in job.items() if c.startswith("ppl_") and v is not None and not math.isfinite(v)]
+        if bad:
+            notes.append(f"{where}: non-finite perplexity on {', '.join(bad)}.")
 
     sections = []
     for model, own in jobs.groupby("model"):
         datasets = [c[4:] for c in own if c.startswith("ppl_") and own[c].map(lambda v: v is not None).any()]
-        published, mode = _choose_published(paper_table, model, datasets, notes)
-        section = cells[cells["model"] == model].copy()
-        links = {p.match: p.label for p in published.rows} if published else {}   # our row -> the paper's
-        section["counterpart"] = [links.get(row, "") for row in section["row"]]
-        sections.append(Section(model, section, datasets, own["mean_acc"].map(lambda v: v is not None).any(),
-                                published, mode, _protocol(own) if mode == "side" else ""))
-    return Report(sweep_dir, sweep_name, paper_table, pd.concat([s.jobs for s in sections]), sections, len(jobs),
-                  incomplete, notes)
-
-
-# ----------------------------------------------------------------------------------------------- writing
-
-def plot_report(report: Report, path: str | Path) -> None:
-    """Perplexity vs target ratio, a panel per (model, dataset): a line per row, the paper's dashed beside it."""
-    from svdexp.plots import plot_ppl_vs_ratio
-
-    panels = []
-    for s, dataset in [(s, d) for s in report.sections for d in s.datasets] or [(report.sections[0], "")]:
-        ours = s.jobs.assign(kind=s.jobs["dense"].map({True: "dense", False: "ours"}), line=s.jobs["row"])
-        paper = s.published.frame() if s.side else pd.DataFrame(columns=["counterpart", "target_ratio"])
-        paper = paper[paper["counterpart"].isin(ours["row"]) & (paper["target_ratio"] > 0)]
-        data = pd.concat([pd.DataFrame({"line": f["line"], "kind": f["kind"], "ratio": f["target_ratio"] * 100,
-                                        "ppl": f.get(f"ppl_{dataset}", None)})
-                          for f in (ours, paper.assign(kind="paper", line=paper["counterpart"])) if len(f)],
-                         ignore_index=True)
-        panels.append((f"{s.model} — {DATASET_LABELS.get(dataset, dataset)}", data,
-                       sorted({r * 100 for r, _ in s.columns() if r > 0})))
-    plot_ppl_vs_ratio(panels, f"sweep {report.sweep_name}: perplexity vs target ratio", path)
-
-
-def save_report(report: Report, out_dir: str | Path | None = None) -> list[Path]:
-    """Write report.md, report.tex, report.csv and ppl_vs_ratio.png into ``out_dir`` (default: the sweep dir)."""
-    out = Path(out_dir) if out_dir is not None else report.sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
-    md, tex, csv_path, png = (out / name for name in OUTPUT_NAMES)
-    md.write_text(report.markdown(), encoding="utf-8")
-    tex.write_text(report.latex(), encoding="utf-8")
-    # None is an empty cell, a measured NaN reads "nan" (pandas would write both as "")
-    cell = lambda v: "" if v is None else str(v) if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-    pd.DataFrame(report.records(), dtype=object).map(cell).to_csv(csv_path, index=False)
-    plot_report(report, png)
-    return [md, tex, csv_path, png]
+        side = published is not None and model == published.model and any(d in published.datasets for d in datasets)
+        newest = own.loc[own["mtime"].astype(float).idxmax(), "config"]
+        sections.append(Section(model, cells[cells["model"] == model], datasets,
+                                own["mean_acc"].map(lambda v: v is not None).any(), published,
+                                "side" if side else "below" if published else None, _protocol(newest) if side else ""))
+    return Report(sweep_dir, sweep_name, paper_table, cells, sections, len(jobs), incomplete, notes)
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Build the report of ``sweep_dir`` and write its four files; returns their paths."""
-    return save_report(build_report(sweep_dir), out_dir)
+    return build_report(sweep_dir).save(out_dir)
 
 
-# ----------------------------------------------------------------------------------------------- Hydra + CLI
-
+@dataclass
 class ReportCallback(Callback):
-    """Hydra callback (``hydra.callbacks``: ``_target_: svdexp.report.ReportCallback``): after a multirun, write the
-    report of ``hydra.sweep.dir`` and log it to W&B; a failure is logged as a warning, never fails the sweep."""
+    """Hydra callback (``_target_: svdexp.report.ReportCallback``): after a multirun, write the report of
+    ``hydra.sweep.dir`` and log it to W&B; a failure is logged as a warning, never fails the sweep."""
 
-    def __init__(self, out_dir: str | None = None) -> None:
-        self.out_dir = out_dir
+    out_dir: str | None = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=True)))
-            report = build_report(sweep_dir)
-            out = Path(self.out_dir) if self.out_dir else sweep_dir
-            log.info("svdexp-report: wrote %s", ", ".join(map(str, save_report(report, out))))
+            report = build_report(str(OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=True)))
+            paths = report.save(self.out_dir or None)
+            log.info("svdexp-report: wrote %s", ", ".join(map(str, paths)))
         except Exception as err:
             log.warning("svdexp-report: no report for this sweep: %s", err)
             return
@@ -394,7 +342,7 @@ class ReportCallback(Callback):
             if logger is not None and logger.get("name") == "wandb" and logger.get("mode", "offline") != "disabled":
                 log_report_table(report.records(), report.sweep_name, {
                     "sweep": report.sweep_name, "sweep_dir": str(report.sweep_dir), "paper_table": report.paper_table,
-                    "jobs": report.num_jobs, "incomplete": len(report.incomplete)}, logger, out, out / OUTPUT_NAMES[3])
+                    "jobs": report.num_jobs, "incomplete": len(report.incomplete)}, logger, paths[0].parent, paths[3])
         except Exception as err:
             log.warning("svdexp-report: the report was written but not logged to W&B: %s", err)
 
@@ -407,13 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep directory)")
     args = parser.parse_args(argv)
     try:
-        report = build_report(args.sweep_dir)
-        paths = save_report(report, args.out)
+        paths = write_report(args.sweep_dir, args.out)
     except ConfigError as err:
         print(f"svdexp-report: {err}", file=sys.stderr)
         return 2
     try:
-        print(report.markdown() + "\n" + "\n".join(["Written:", *(f"  {path}" for path in paths)]))
+        print(paths[0].read_text(encoding="utf-8") + "\n" + "\n".join(["Written:", *(f"  {p}" for p in paths)]))
     except BrokenPipeError:   # `svdexp-report DIR | head`
         sys.stderr.close()
     return 0

@@ -1,36 +1,32 @@
-"""The report's wide tables: cells formatted as the papers print them, written as Markdown and booktabs LaTeX.
-
-A wide table is a DataFrame of strings, a row per method and two column levels, (ratio, dataset or ``acc``), headed
-as printed ("20 %", "C4"); :func:`wide` makes one from tidy rows (``row``, ``target_ratio``, a column per metric).
-"""
+"""The report's wide tables: rows x (ratio, metric), cells as the papers print them, as Markdown or booktabs LaTeX."""
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 
 from svdexp.published import DATASET_LABELS
 
 MISSING_CELL = "–"
+TEX_ESCAPES = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "$": r"\$",
+                             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                             "–": "--", "—": "---"})
 
 
 def pct(ratio: float) -> str:
+    """A ratio as a column heading: ``20 %``."""
     return f"{ratio * 100:g} %"
 
 
 def span(values: pd.Series) -> str:
     """The range of values (achieved ratios) with 3 decimals: ``0.200–0.201``, or one value."""
-    lo, hi = f"{values.dropna().min():.3f}", f"{values.dropna().max():.3f}"
+    lo, hi = f"{values.min():.3f}", f"{values.max():.3f}"
     return lo if lo == hi else f"{lo}–{hi}"
 
 
 def fmt(value: float | None, metric: str, paper: bool = False) -> str:
-    """Perplexities with 2 decimals (none from 1000 on), accuracies with 3 (the papers': 2)."""
+    """Perplexities with 2 decimals (none from 1000 on), accuracies with 3 (the papers': 2); inf and nan as such."""
     if value is None:
         return MISSING_CELL
-    if not math.isfinite(value):
-        return str(float(value))
     if metric == "mean_acc":
         return f"{value:.2f}" if paper else f"{value:.3f}"
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.2f}"
@@ -48,11 +44,9 @@ def wide(frame: pd.DataFrame, rows: list[str], columns: list[tuple[float, str]],
     cells = pd.DataFrame({m: [fmt(v, m, paper) for v in frame[m]] for m in metrics},
                          index=pd.MultiIndex.from_frame(frame[["row", "target_ratio"]]))
     table = cells.unstack("target_ratio", fill_value=MISSING_CELL).swaplevel(axis=1)
-    table = table.reindex(index=rows, columns=pd.MultiIndex.from_tuples(columns, names=[None, None]),
-                          fill_value=MISSING_CELL)
+    table = table.reindex(index=rows, columns=pd.MultiIndex.from_tuples(columns), fill_value=MISSING_CELL)
     return table.set_axis(pd.MultiIndex.from_tuples(
-        [(pct(r), "acc" if m == "mean_acc" else DATASET_LABELS.get(m[4:], m[4:])) for r, m in columns],
-        names=[None, None]), axis=1)
+        [(pct(r), "acc" if m == "mean_acc" else DATASET_LABELS.get(m[4:], m[4:])) for r, m in columns]), axis=1)
 
 
 def markdown(table: pd.DataFrame, first: str) -> str:
@@ -63,9 +57,7 @@ def markdown(table: pd.DataFrame, first: str) -> str:
 
 def tex_escape(text: str) -> str:
     """Escape LaTeX specials in plain text."""
-    table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "$": r"\$",
-             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--", "—": "---"}
-    return "".join(table.get(ch, ch) for ch in str(text))
+    return str(text).translate(TEX_ESCAPES)
 
 
 def latex(table: pd.DataFrame, first: str, caption: str) -> str:
@@ -73,7 +65,7 @@ def latex(table: pd.DataFrame, first: str, caption: str) -> str:
     sizes = list(table.columns.get_level_values(0).value_counts(sort=False))
     styler = table.rename_axis(index=None, columns=[first, None]).style.format(tex_escape)
     styler = styler.format_index(tex_escape, axis=0).format_index(tex_escape, axis=1)
-    out = styler.set_table_styles([{"selector": "small", "props": ":;"}]).to_latex(
+    out = styler.set_table_styles([{"selector": "small", "props": ":;"}]).to_latex(   # \small
         environment="table", position="t", position_float="centering", hrules=True, multicol_align="c",
         column_format="l" + "".join("|" + "r" * n for n in sizes), caption=tex_escape(caption))
     starts = [2 + sum(sizes[:i]) for i in range(len(sizes))]

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from svdexp.errors import ConfigError
-from svdexp.report import ReportCallback, build_report, main, make_label, write_report
+from svdexp.report import ReportCallback, build_report, main, make_label, scan, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_DEFAULTS = {"propagate": "original", "damping": 1e-6, "update": "none", "alpha": 0.5, "fisher": "rows",
@@ -130,6 +130,16 @@ def test_markdown_rows_cells_and_notes(smol_sweep: Path):
     assert "Incomplete jobs (3)" in md and "`corrupt/results.json` (not valid JSON)" in md
     assert "non-finite perplexity on wiki, news" in md
     assert "Achieved ratio (targeted matrices / whole model): 20 % → 0.200 / 0.150" in md
+
+
+def test_scan_frame(smol_sweep: Path):
+    """benchmarks/frontier.py reads the jobs' config and path from scan's frame."""
+    frame, incomplete = scan(smol_sweep)
+    assert len(frame) == 10 and len(incomplete) == 3
+    assert {"config", "path", "row", "target_ratio", "ppl_wiki", "ppl_news", "mean_acc"} <= set(frame.columns)
+    svd = frame[frame["path"] == smol_sweep / "a/b/method=svd,ratio=0.4/results.json"].iloc[0]
+    assert svd["config"]["method"]["name"] == "svd" and svd["ppl_news"] != svd["ppl_news"]   # a measured nan
+    assert frame.loc[frame["row"] == "Dense", "ppl_wiki"].tolist() == [24.2]
 
 
 def test_published_table_below_for_another_model(smol_sweep: Path):
