@@ -194,7 +194,8 @@ def test_the_spectral_policies_decompose_what_svd_llm_reads(tmp_path, monkeypatc
     ("svd_llm", {"solver": "auto"}, {"C_out", "H_tall"}, set()),
     ("svd_llm", {"solver": "auto", "propagate": "compressed"}, set(), {"C_out", "H_tall"}),
     ("svd_llm", {"solver": "auto", "update": "closed_form"}, {"H"}, {"H"}),
-    ("adasvd", {"solver": "auto", "groups": 8}, {"H", "H_stack"}, set()),
+    ("adasvd", {"solver": "auto", "groups": 8}, {"C_out", "H_tall", "H_stack"}, set()),
+    ("adasvd", {"solver": "auto", "groups": 0}, {"C_out", "H_tall"}, {"H"}),
     ("ressvd", {"solver": "auto"}, {"H"}, set()),
     ("svd_llm", {"solver": "svd"}, {"H"}, set()),
 ])

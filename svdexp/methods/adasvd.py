@@ -8,8 +8,9 @@ with SVD pseudo-inverses (``solver: auto``: Cholesky solves, :func:`~svdexp.meth
   * ``stats["H_stack"]`` when ``groups > 0``: stack-of-batch, the Gram matrix of inputs averaged element-wise over
     ``groups`` shuffled groups of calibration samples;
   * otherwise ``stats["H_prefix"]`` (**decision**): the Gram matrix of the inputs produced by the already
-    compressed prefix, as in SVD-LLM's closed-form update. Requested only then, i.e. ``needs = {H, H_prefix}``
-    for ``groups = 0`` and ``{H, H_stack}`` for ``groups > 0``.
+    compressed prefix, as in SVD-LLM's closed-form update. Requested only then, i.e. ``needs`` = SVD-LLM's
+    (``H``; ``C_out`` and ``H_tall`` with ``solver: auto``) + ``H_prefix`` for ``groups = 0``, + ``H_stack`` for
+    ``groups > 0``.
 With ``H' = H`` (e.g. ``groups = 0`` and ``propagate: compressed``, where ``H_prefix == H``) the whitened
 factors already minimise ``||(W - A B) X||`` and adaComp changes nothing (see tests/test_methods.py).
 Each step cannot increase ``||(W - A B) X'||_F``.
@@ -23,11 +24,12 @@ import torch
 
 from svdexp.methods import Factors, register
 from svdexp.methods.linalg import solve_left_factor, solve_right_factor
-from svdexp.methods.svd_llm import whitened_truncation
+from svdexp.methods.svd_llm import truncation_needs, whitened_truncation
 
 
 def _needs(options: Mapping[str, Any]) -> set[str]:
-    return {"H", "H_stack"} if int(options.get("groups") or 0) > 0 else {"H", "H_prefix"}
+    """SVD-LLM's start (with ``solver: auto`` ``C_out`` of the wide matrices, ``H`` only at tall ones) and ``H'``."""
+    return truncation_needs(options) | ({"H_stack"} if int(options.get("groups") or 0) > 0 else {"H_prefix"})
 
 
 def adacomp_statistic(stats, options: Mapping[str, Any]) -> torch.Tensor:

@@ -27,10 +27,15 @@ from svdexp.methods import Factors, register
 from svdexp.methods.linalg import Weighting, gram_truncation, solve_left_factor, whitened_factors
 
 
+def truncation_needs(options: Mapping[str, Any]) -> set[str]:
+    """The statistics of the whitened truncation alone: ``H``; with ``solver: auto`` ``C_out`` and ``H_tall``."""
+    return {"C_out", "H_tall"} if options.get("solver", "svd") == "auto" else {"H"}
+
+
 def _needs(options: Mapping[str, Any]) -> set[str]:
     if options.get("update", "none") == "closed_form":
         return {"H", "H_prefix"}
-    return {"C_out", "H_tall"} if options.get("solver", "svd") == "auto" else {"H"}
+    return truncation_needs(options)
 
 
 def whitening(stats, reuse: bool = True) -> Weighting:
