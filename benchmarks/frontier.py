@@ -116,7 +116,7 @@ def zeroshot(rows: list[dict], extra: list[str]) -> tuple[dict, str]:
                "svd_llm 20 %, uniform": json.loads((RESULTS / f"zeroshot_compressed_{subset}.json").read_text())
                ["runs"]["svd_llm 20 %"]["zeroshot"],
                label: results["metrics"]["zeroshot"]}
-    lines = [f"Measured by `.venv/bin/python benchmarks/frontier.py --zeroshot {' '.join(extra)}` (the app: "
+    lines = [f"Measured by `.venv/bin/python {' '.join(['benchmarks/frontier.py', '--zeroshot', *extra])}` (the app: "
              f"`{' '.join(args[:-1])}`); full validation sets, 0-shot, float32, batch 16; acc (acc_norm; "
              "winogrande has none).",
              "", "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]

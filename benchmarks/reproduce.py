@@ -8,6 +8,8 @@ measured with the papers' solver before `method.solver=auto` became the default)
         --fixed "logger=none calib.cache=false calib.cache_svd=false"
     # today's app against that run instead of against the methods table (bit for bit across the commits):
     .venv/bin/python benchmarks/reproduce.py --against reproduce_old --name reproduce_vs_old
+    # no runs: two recorded runs compared (the ``now`` of --from against the ``now`` of --against)
+    .venv/bin/python benchmarks/reproduce.py --from reproduce --against reproduce_old --name reproduce_vs_old
 
 The default cells are the methods x policies table's uniform column (svd_llm, adasvd, ressvd at 20 and 40 %) and
 the svd / svd_llm 20 % cells. Writes benchmarks/results/<name>.{json,md} (default name: reproduce).
@@ -51,17 +53,23 @@ def main() -> None:
     parser.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose app runs (default: this)")
     parser.add_argument("--fixed", default=FIXED, help="overrides added to every cell's own")
     parser.add_argument("--against", help="compare with benchmarks/results/<AGAINST>.json's runs, not the table")
+    parser.add_argument("--from", dest="source", help="take each cell's perplexities from benchmarks/results/"
+                        "<FROM>.json's runs instead of running the app")
     parser.add_argument("--name", default="reproduce", help="results file name")
     args = parser.parse_args()
     recorded = reference(args.against)
+    measured = reference(args.source) if args.source else {}
     fixed = args.fixed.split()
     rows = []
     for cell in args.cells.split(","):
         label, ratio = cell.split("@")
         before = recorded[(label, float(ratio))]
-        with tempfile.TemporaryDirectory() as tmp:
-            run_app([*before["overrides"], *fixed, f"hydra.run.dir={tmp}"], root=args.checkout)
-            now = json.loads((Path(tmp) / "results.json").read_text())["metrics"]["ppl"]
+        if args.source:
+            now = {d: measured[(label, float(ratio))][d] for d in ("wiki", "news")}
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                run_app([*before["overrides"], *fixed, f"hydra.run.dir={tmp}"], root=args.checkout)
+                now = json.loads((Path(tmp) / "results.json").read_text())["metrics"]["ppl"]
         row = {"cell": cell, "overrides": before["overrides"], "before": {d: before[d] for d in now}, "now": now,
                "identical": all(now[d] == before[d] for d in now),
                "as_printed": all(printed(now[d]) == printed(before[d]) for d in now),
@@ -70,8 +78,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     command = " ".join(["benchmarks/reproduce.py", *sys.argv[1:]])
     before = "methods table" if args.against is None else args.against
-    lines = [f"Measured by `.venv/bin/python {command}` (overrides of each cell plus `{args.fixed}`; app of "
-             f"{args.checkout}; before: {before}).", "",
+    source = f"now: {args.source}" if args.source else f"app of {args.checkout}"
+    lines = [f"Measured by `.venv/bin/python {command}` (overrides of each cell plus `{args.fixed}`; {source}; "
+             f"before: {before}).", "",
              "| cell | wiki before | wiki now | news before | news now | bit for bit | as printed | max rel. diff |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -79,7 +88,7 @@ def main() -> None:
                      f"{r['now']['news']!r} | {'yes' if r['identical'] else 'no'} | "
                      f"{'yes' if r['as_printed'] else 'no'} | {r['max_relative_difference']:.1e} |")
     write_results(args.name, {"command": command, "checkout": str(args.checkout), "fixed": args.fixed,
-                              "against": args.against, "rows": rows}, "\n".join(lines) + "\n")
+                              "from": args.source, "against": args.against, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
