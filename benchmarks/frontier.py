@@ -24,6 +24,8 @@ import json
 import sys
 
 from common import RESULTS, ROOT, run_app, write_results
+from zeroshot_compressed import _cell
+from zeroshot_dense import subset_name
 
 from svdexp.report import scan
 from svdexp.tracking import read_results
@@ -103,7 +105,7 @@ def zeroshot(rows: list[dict], extra: list[str]) -> tuple[dict, str]:
     """The best 20 % job's zero-shot accuracy (run if needed) beside the dense model's and uniform svd_llm's."""
     best = min((r for r in rows if r["ratio"] == 0.2), key=lambda r: r["wiki"])
     label = f"{METHODS[best['method']]} + {best['policy']} 20 %"
-    subset = "full_" + "-".join(t.removesuffix("_embedded") for t in ZEROSHOT_TASKS)
+    subset = subset_name(None, ZEROSHOT_TASKS)
     run_dir = ROOT / "outputs" / "zeroshot" / f"{'_'.join(best['overrides']).replace('=', '-')}_{subset}"
     args = [*best["overrides"], f"eval.zeroshot.tasks=[{','.join(ZEROSHOT_TASKS)}]", "eval.zeroshot.limit=null",
             "eval.zeroshot.batch_size=16", "logger=none", *extra, f"hydra.run.dir={run_dir}"]
@@ -117,13 +119,11 @@ def zeroshot(rows: list[dict], extra: list[str]) -> tuple[dict, str]:
                ["runs"]["svd_llm 20 %"]["zeroshot"],
                label: results["metrics"]["zeroshot"]}
     lines = [f"Measured by `.venv/bin/python {' '.join(['benchmarks/frontier.py', '--zeroshot', *extra])}` (the app: "
-             f"`{' '.join(args[:-1])}`); full validation sets, 0-shot, float32, batch 16; acc (acc_norm; "
-             "winogrande has none).",
+             f"`{' '.join(args[:-1])}`); full validation sets, 0-shot, float32, batch 16; acc (acc_norm).",
              "", "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for task in ZEROSHOT_TASKS:
         lines.append(f"| {task.removesuffix('_embedded')} | " + " | ".join(
-            f"{c[task]['acc']:.3f}" + (f" ({c[task]['acc_norm']:.3f})" if c[task].get("acc_norm") else "")
-            for c in columns.values()) + " |")
+            f"{_cell(c[task], 'acc')} ({_cell(c[task], 'acc_norm')})" for c in columns.values()) + " |")
     means = [sum(c[t]["acc"] for t in ZEROSHOT_TASKS) / len(ZEROSHOT_TASKS) for c in columns.values()]
     lines.append("| mean acc | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     record = {"best": best, "args": args, "columns": {k: {t: c[t] for t in ZEROSHOT_TASKS} for k, c in columns.items()}}
