@@ -72,20 +72,30 @@ def _job(cfg: DictConfig) -> None:
     print(summary(results), flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """``svdexp [overrides]``: unknown keys are refused before Hydra composes; a config Hydra cannot compose
-    (a value of the wrong type, a missing group option) exits 2 like every other configuration error."""
+    (a value of the wrong type, a missing group option) exits 2 like every other configuration error.
+
+    ``argv`` (the overrides, without the program name; default ``sys.argv[1:]``) runs the app in this process
+    exactly as from the shell: the tests call it so, and it ends, as from the shell, with ``SystemExit`` on
+    any failure (exit codes in :data:`EXIT_CODES`)."""
+    global _job_started
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        check_override_keys(sys.argv[1:])
+        check_override_keys(args)
     except ConfigError as err:
         print(f"svdexp: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+    _job_started = False
+    program, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "svdexp", *args]   # what hydra.main parses
     try:
         _job()
     except SystemExit as done:
         if done.code == 1 and not _job_started:
             sys.exit(2)
         raise
+    finally:
+        sys.argv = program
 
 
 if __name__ == "__main__":

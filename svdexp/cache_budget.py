@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from svdexp.faults import crash_point
+
 log = logging.getLogger("svdexp.cache")
 
 GB = 10**9
@@ -432,6 +434,7 @@ def _atomic_write(path: Path, writer: Callable[[Path], None]) -> int:
     try:
         writer(tmp)
         size = os.stat(tmp).st_size
+        crash_point("cache_write")
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -19,6 +19,7 @@ from svdexp.calibration import (LayerInputs, LayerStats, MatrixStats, SiteStats,
                                 capture_layer0_inputs, collect_layer, groups_for, run_layer)
 from svdexp.context import RunContext
 from svdexp.errors import NumericalError
+from svdexp.faults import crash_point
 from svdexp.lowrank import LowRankLinear
 from svdexp.methods.linalg import weight_in_use
 from svdexp.models.adapters import Adapter
@@ -122,6 +123,7 @@ def compress_model(ctx: RunContext, stats: RunStatistics, ranks: dict[str, int |
         layers[i].to(ctx.device)
         _compress_one(ctx, i, stats, ranks, prefix, record)
         layers[i].to("cpu")
+        crash_point("compression_layer")
     return record
 
 

@@ -34,6 +34,7 @@ from svdexp.config import check_context, validate
 from svdexp.context import RunContext
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
 from svdexp.errors import NumericalError, SaveError
+from svdexp.faults import crash_point
 from svdexp.evaluation.harness import ZeroShotRun, evaluate_zeroshot, response_cache_path
 from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
 from svdexp.lowrank import count_parameters, weight_bytes
@@ -419,6 +420,7 @@ def _save(cfg, ctx: RunContext, output_dir: Path, results: dict) -> str:
     try:
         save_compressed(ctx.model, ctx.tokenizer, tmp, {k: v for k, v in c["ranks"].items() if v is not None},
                         settings)
+        crash_point("checkpoint_write")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -38,6 +38,7 @@ from svdexp.cache import cache_key, has_tensor_entry, load_tensor_entry, store_t
 from svdexp.calibration import (LayerStats, collect_statistics, fisher_information, loss_gradients,
                                 stats_to_tensors, tensors_to_stats)
 from svdexp.context import RunContext
+from svdexp.faults import crash_point
 from svdexp.methods import Method
 
 KIND = "stats"
@@ -152,6 +153,7 @@ class LayerStatsStore:
                 store_tensor_entry(KIND, key, tensors, description, self.root)
             finally:
                 self._drop(size)
+        crash_point("calibration_layer")
 
     def load(self, index: int, names: Iterable[str]) -> LayerStats:
         """Layer ``index``'s statistics ``names`` (per-layer scalars from memory); :meth:`release` them after."""

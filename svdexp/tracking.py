@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from svdexp.faults import crash_point
+
 
 def _jsonable(value: Any) -> Any:
     """Non-finite floats become the strings "inf"/"-inf"/"nan" so results.json stays strict JSON."""
@@ -29,6 +31,7 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
         json.dump(_jsonable(data), fh, indent=2, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
+    crash_point("results_write")
     os.replace(tmp, path)
 
 

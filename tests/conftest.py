@@ -1,14 +1,34 @@
-"""Shared fixtures: the real Hydra app run in a subprocess, offline, with W&B disabled."""
+"""Shared fixtures and the three test tiers.
+
+Tiers (markers declared in pyproject.toml; docs/testing.md says what goes where):
+
+- unit (no marker, ``make test-fast``): in-process, tiny random models only. The app runs through
+  :func:`run_svdexp`, which calls ``svdexp.app.main`` with an argv list in this interpreter: the same Hydra
+  composition, validation, runner, results and exit codes as from the shell, without an interpreter start and the
+  torch / transformers / lm-eval imports each one pays. A unit test that starts a Python interpreter fails
+  (:func:`_no_interpreter_in_unit_tests`).
+- ``integration``: the app as a real process, where the process is what is tested (an exit code seen by the
+  shell, SIGKILL and resume, launchers, console scripts, per-process limits): :func:`run_process`.
+- ``slow``: the packaged SmolLM2-135M end to end; one converted copy and one loaded model per test run
+  (:func:`smollm2`).
+
+Every test run (every xdist worker) gets its own empty ``$SVDEXP_CACHE``; a test that checks what a cache holds
+makes its own folder. Under ``pytest -n N`` each worker is pinned to one core and runs torch on one thread.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,18 +36,62 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random", "logger=none", "calib.num_samples=4", "calib.seq_len=64",
         "eval.ppl.max_chunks=2", "eval.ppl.seq_len=64"]
 
-
-def offline_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
-               HYDRA_FULL_ERROR="0", TQDM_DISABLE="1")
-    return env
+# Offline, W&B disabled, no progress bars: for this process (in-process runs) and every process it starts.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
+os.environ.update(OFFLINE)
 
 
-def run_svdexp(args: list[str], run_dir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``python -m svdexp.app`` with ``args`` and Hydra's run dir set to ``run_dir``."""
-    cmd = [sys.executable, "-m", "svdexp.app", *args, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=timeout)
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's (its $SVDEXP_CACHE included) plus ``extra``."""
+    return {**os.environ, **OFFLINE, **extra}
+
+
+@dataclass
+class Completed:
+    """What one call of the app gave: its exit code and what it printed (as ``subprocess.CompletedProcess``)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Set (or, with None, unset) environment variables for the duration of the block."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def run_svdexp(args: list[str], run_dir: Path | None = None, cache: Path | None = None) -> Completed:
+    """``svdexp *args`` in this process (``svdexp.app.main`` with an argv list), Hydra's run dir set to
+    ``run_dir`` and, with ``cache``, ``$SVDEXP_CACHE`` set to it for the call."""
+    from svdexp import app
+
+    argv = [*args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
+    out, err = io.StringIO(), io.StringIO()
+    with _environ(**({"SVDEXP_CACHE": str(cache)} if cache is not None else {})), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            app.main(argv)
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    return Completed(code, out.getvalue(), err.getvalue())
+
+
+def run_process(args: list[str], run_dir: Path | None = None, cache: Path | None = None, *, module: str = "svdexp.app",
+                timeout: int = 600, preexec=None, **env: str) -> subprocess.CompletedProcess:
+    """``python -m <module> *args`` as a real process (integration tests only), offline, with ``env`` added."""
+    cmd = [sys.executable, "-m", module, *args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
+    extra = {**env, **({"SVDEXP_CACHE": str(cache)} if cache is not None else {})}
+    return subprocess.run(cmd, cwd=ROOT, env=offline_env(**extra), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec)
 
 
 def read_results(run_dir: Path) -> dict:
@@ -36,10 +100,10 @@ def read_results(run_dir: Path) -> dict:
 
 @pytest.fixture
 def svdexp_run(tmp_path):
-    """Call ``svdexp_run(*overrides)`` -> (completed process, run dir)."""
-    def _run(*args: str, timeout: int = 900):
+    """Call ``svdexp_run(*overrides)`` -> (:class:`Completed`, run dir), in this process."""
+    def _run(*args: str):
         run_dir = tmp_path / "run"
-        return run_svdexp(list(args), run_dir, timeout), run_dir
+        return run_svdexp(list(args), run_dir), run_dir
     return _run
 
 
@@ -54,3 +118,75 @@ def fresh_cache(tmp_path, monkeypatch):
     yield tmp_path / "cache"
     cache_budget._RUN.close()
     cache_budget._RUN = None
+
+
+# -- the test run: a cache of its own, one core per xdist worker ------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """This test run's (this worker's) own $SVDEXP_CACHE: nothing from earlier runs or other workers."""
+    previous = os.environ.get("SVDEXP_CACHE")
+    os.environ["SVDEXP_CACHE"] = str(tmp_path_factory.mktemp("svdexp-cache"))
+    yield Path(os.environ["SVDEXP_CACHE"])
+    if previous is None:
+        os.environ.pop("SVDEXP_CACHE", None)
+    else:
+        os.environ["SVDEXP_CACHE"] = previous
+
+
+def pytest_configure(config):
+    """Under ``pytest -n N`` (N > 1), worker i runs on core i (mod the cores) with one torch thread, so that the
+    workers do not oversubscribe the cores; the processes a test starts inherit the pinning."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_interpreter_in_unit_tests(request, monkeypatch):
+    """A unit test may not start a Python interpreter (the app, a console script, ``python -c``): that is what
+    the integration tier is for."""
+    if request.node.get_closest_marker("integration") or request.node.get_closest_marker("slow"):
+        return
+    execute = subprocess.Popen._execute_child
+    python = os.path.realpath(sys.executable)
+    scripts = Path(sys.executable).parent
+
+    def guarded(self, args, executable, *rest, **kwargs):
+        program = str(args[0] if isinstance(args, (list, tuple)) else args).split()[0]
+        if os.path.realpath(program) == python or Path(program).parent == scripts:
+            raise AssertionError(f"a unit test started {program}: mark it @pytest.mark.integration, or run the app "
+                                 "in-process with conftest.run_svdexp")
+        return execute(self, args, executable, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", guarded)
+
+
+# -- the packaged SmolLM2 (slow tier) ---------------------------------------------------------------------
+
+
+@dataclass
+class SmolLM2:
+    folder: str              # the Hugging Face folder svdexp converts the packaged GGUF into, in $SVDEXP_CACHE
+    model: torch.nn.Module   # loaded once (fp32, eval mode): tests that change it work on a deep copy
+    tokenizer: object
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> SmolLM2:
+    """The packaged SmolLM2-135M-Instruct through svdexp's own loader: converted once per test run into this
+    run's $SVDEXP_CACHE (the app's runs of ``model=smollm2_135m`` then load that folder), and loaded once."""
+    from hydra import compose, initialize_config_dir
+
+    from svdexp.app import CONFIG_DIR
+    from svdexp.models import load_model
+    from svdexp.models.loading import resolve_path
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["model=smollm2_135m"])
+    folder = resolve_path(cfg.model)
+    model, tokenizer = load_model(cfg.model, "float32", 0)
+    return SmolLM2(folder, model, tokenizer)

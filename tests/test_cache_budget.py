@@ -20,7 +20,7 @@ from svdexp import cache_budget
 from svdexp.cache import has_tensor_entry, load_tensor_entry, store_tensor_entry
 from svdexp.errors import ConfigError
 
-from conftest import ROOT, TINY, offline_env, read_results
+from conftest import ROOT, TINY, offline_env, read_results, run_process, run_svdexp
 
 DAY = 86400
 ENTRY = 100_000          # bytes of tensor data per test entry (+ ~300 bytes of header)
@@ -167,6 +167,7 @@ EFBIG_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_a_real_file_size_limit_gives_one_warning_and_no_crash(cache):
     proc = subprocess.run([sys.executable, "-c", EFBIG_SCRIPT], cwd=ROOT, env=offline_env(), capture_output=True,
                           text=True, timeout=300)
@@ -184,36 +185,49 @@ def _limit_file_size(limit: int):
     return apply
 
 
-def test_real_runs_without_room_equal_runs_without_cache(tmp_path):
-    """Through the real app: a budget of 4 kB, and a file-size limit (EFBIG) below the statistics' size, each
-    give one warning, no crash, no temporary file, and the results of `calib.cache=false calib.cache_svd=false`."""
-    def app(name: str, *args: str, preexec=None) -> tuple[subprocess.CompletedProcess, dict]:
-        env = offline_env()
-        env["SVDEXP_CACHE"] = str(tmp_path / f"cache_{name}")
-        env.pop(cache_budget.ENV_MAX_GB, None)
-        # solver=svd: its per-layer statistics (H of every site, ~300 kB) are what passes the file-size limit below
-        cmd = [sys.executable, "-m", "svdexp.app", *TINY, "method=svd_llm", "method.solver=svd", *args,
-               f"hydra.run.dir={tmp_path / name}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                              preexec_fn=preexec)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        return proc, read_results(tmp_path / name)
+def _tiny_svd_llm(tmp_path, name: str, *args: str, preexec=None) -> tuple[str, dict]:
+    """A tiny svd_llm job with its own empty cache and the default budget: in this process, or with ``preexec``
+    (a per-process limit) as a real process. Returns (what it printed, results)."""
+    # solver=svd: its per-layer statistics (H of every site, ~300 kB) are what passes the file-size limit below
+    overrides = [*TINY, "method=svd_llm", "method.solver=svd", *args]
+    cache = tmp_path / f"cache_{name}"
+    if preexec is None:
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv(cache_budget.ENV_MAX_GB, raising=False)
+            proc = run_svdexp(overrides, tmp_path / name, cache)
+    else:
+        proc = run_process(overrides, tmp_path / name, cache, preexec=preexec)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not list(cache.rglob(".*")), name                           # no temporary file left
+    return proc.stdout + proc.stderr, read_results(tmp_path / name)
 
-    _, reference = app("reference", "calib.cache=false", "calib.cache_svd=false")
-    budget_proc, budget = app("budget", "cache.max_gb=0.000004")
-    # 160 kB: results.json, the plot and Hydra's files fit; the per-layer statistics (~300 kB) do not
-    efbig_proc, efbig = app("efbig", preexec=_limit_file_size(160 * 1024))
-    for proc, results, message in ((budget_proc, budget, "cache budget of 4e-06 GB"),
-                                   (efbig_proc, efbig, "no room to write the cache")):
-        output = proc.stdout + proc.stderr
-        assert output.count(message) == 1, output[-3000:]
-        assert results["metrics"]["ppl"] == reference["metrics"]["ppl"]
-        assert results["compression"]["ranks"] == reference["compression"]["ranks"]
-        assert results["compression"]["layer_keep"] == reference["compression"]["layer_keep"]
-    for name in ("budget", "efbig"):
-        assert not list((tmp_path / f"cache_{name}").rglob(".*")), name   # no temporary file left
+
+def _same_results(results: dict, reference: dict) -> None:
+    assert results["metrics"]["ppl"] == reference["metrics"]["ppl"]
+    for key in ("ranks", "layer_keep"):
+        assert results["compression"][key] == reference["compression"][key]
+
+
+def test_a_run_without_room_in_the_budget_equals_a_run_without_cache(tmp_path):
+    """Through the app: a budget of 4 kB gives one warning, no crash, no temporary file, and the results of
+    `calib.cache=false calib.cache_svd=false`."""
+    _, reference = _tiny_svd_llm(tmp_path, "reference", "calib.cache=false", "calib.cache_svd=false")
+    output, budget = _tiny_svd_llm(tmp_path, "budget", "cache.max_gb=0.000004")
+    assert output.count("cache budget of 4e-06 GB") == 1, output[-3000:]
+    _same_results(budget, reference)
     used = sum(p.stat().st_size for p in (tmp_path / "cache_budget").rglob("*") if p.is_file())
     assert used <= 4000 + 200                                          # entries within 4 kB (+ models.json)
+
+
+@pytest.mark.integration
+def test_a_run_without_room_on_the_disk_equals_a_run_without_cache(tmp_path):
+    """A real file-size limit (EFBIG, like a full disk) below the statistics' size: one warning, no crash, no
+    temporary file, and the results of `calib.cache=false calib.cache_svd=false`."""
+    _, reference = _tiny_svd_llm(tmp_path, "reference", "calib.cache=false", "calib.cache_svd=false")
+    # 160 kB: results.json, the plot and Hydra's files fit; the per-layer statistics (~300 kB) do not
+    output, efbig = _tiny_svd_llm(tmp_path, "efbig", preexec=_limit_file_size(160 * 1024))
+    assert output.count("no room to write the cache") == 1, output[-3000:]
+    _same_results(efbig, reference)
 
 
 WRITER = textwrap.dedent("""
@@ -228,6 +242,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_two_processes_writing_the_same_key_leave_one_valid_entry(cache):
     start = time.time() + 8          # both import torch first, then write at once
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(value), str(start)], cwd=ROOT, env=offline_env(),

@@ -69,6 +69,7 @@ def test_every_verb_works_on_an_empty_or_missing_cache(cache, capsys, missing):
     assert "total" in out and "0 B" in out and "budget: 20 GB" in out
 
 
+@pytest.mark.integration
 def test_console_script_on_an_empty_cache(cache):
     """The installed command (pyproject's [project.scripts]) or, if not reinstalled yet, its module."""
     assert 'svdexp-cache = "svdexp.cache_cli:main"' in (ROOT / "pyproject.toml").read_text()

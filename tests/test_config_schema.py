@@ -3,15 +3,11 @@ allowed, no traceback, no results.json, no cache entry. Plus the five traps of i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, TINY, offline_env
+from conftest import ROOT, TINY, run_process, run_svdexp
 from svdexp import app
 from svdexp.config import schema_leaves, unknown_key_error
 
@@ -81,19 +77,10 @@ INVALID = {
 }
 
 
-def call_svdexp(tmp_path, monkeypatch, *overrides: str) -> tuple[int, str]:
+def call_svdexp(tmp_path, *overrides: str) -> tuple[int, str]:
     """The real entry point in this process (Hydra composes as from the shell); returns (exit code, stderr)."""
-    monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(app, "_job_started", False)
-    monkeypatch.setattr(sys, "argv", ["svdexp", *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            app.main()
-            code = 0
-        except SystemExit as done:
-            code = done.code
-    return code, err.getvalue()
+    proc = run_svdexp([*TINY, *overrides], tmp_path / "run", cache=tmp_path / "cache")
+    return proc.returncode, proc.stderr
 
 
 def test_every_leaf_of_the_schema_has_an_invalid_example():
@@ -101,9 +88,9 @@ def test_every_leaf_of_the_schema_has_an_invalid_example():
 
 
 @pytest.mark.parametrize("key", sorted(INVALID))
-def test_invalid_value_is_refused_naming_key_and_allowed(tmp_path, monkeypatch, key):
+def test_invalid_value_is_refused_naming_key_and_allowed(tmp_path, key):
     overrides, allowed = INVALID[key]
-    code, stderr = call_svdexp(tmp_path, monkeypatch, *overrides)
+    code, stderr = call_svdexp(tmp_path, *overrides)
     assert code == 2, stderr[-2000:]
     assert key in stderr and allowed in stderr, stderr[-2000:]
     assert "Traceback" not in stderr
@@ -111,11 +98,8 @@ def test_invalid_value_is_refused_naming_key_and_allowed(tmp_path, monkeypatch, 
     assert not (tmp_path / "cache").exists()
 
 
-def run_cli(tmp_path, *overrides: str, preexec=None) -> subprocess.CompletedProcess:
-    env = offline_env()
-    env["SVDEXP_CACHE"] = str(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "svdexp.app", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec)
+def run_cli(tmp_path, *overrides: str):
+    return run_svdexp(list(overrides), tmp_path / "run", cache=tmp_path / "cache")
 
 
 def test_trap1_model_path_is_refused_by_the_packaged_model(tmp_path):
@@ -151,8 +135,8 @@ def test_trap1_model_pretrained_loads_a_local_folder_named_after_it(tmp_path):
     ("++calib.num_sample=8", "calib.num_samples"),
     ("+method.alhpa=0.3", "method.alpha"),
 ])
-def test_trap2_keys_outside_the_schema_are_refused_whatever_the_prefix(tmp_path, monkeypatch, override, suggestion):
-    code, stderr = call_svdexp(tmp_path, monkeypatch, override)
+def test_trap2_keys_outside_the_schema_are_refused_whatever_the_prefix(tmp_path, override, suggestion):
+    code, stderr = call_svdexp(tmp_path, override)
     key = override.lstrip("+").split("=")[0]
     assert code == 2 and f"{key} is not a setting of svdexp" in stderr, stderr
     if suggestion:
@@ -188,6 +172,7 @@ def test_trap4_unwritable_save_target_fails_before_any_work(tmp_path):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.integration
 def test_trap4_a_checkpoint_that_fails_late_keeps_the_results(tmp_path):
     """A file-size limit of 1 MB (a real OS error, EFBIG, like a full disk) lets results.json through but not the
     checkpoint: exit 4, results.json has the metrics and the error, no half-written folder."""
@@ -197,8 +182,8 @@ def test_trap4_a_checkpoint_that_fails_late_keeps_the_results(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
     target = tmp_path / "ckpt"
-    proc = run_cli(tmp_path, *TINY, "calib.cache=false", "calib.cache_svd=false", "eval.cache_dense=false",
-                   f"save={target}", preexec=limit_file_size)
+    proc = run_process([*TINY, "calib.cache=false", "calib.cache_svd=false", "eval.cache_dense=false",
+                        f"save={target}"], tmp_path / "run", tmp_path / "cache", preexec=limit_file_size)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "checkpoint not saved" in proc.stderr and "results.json" in proc.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -207,9 +192,8 @@ def test_trap4_a_checkpoint_that_fails_late_keeps_the_results(tmp_path):
     assert not any(target.parent.glob(f".{target.name}.tmp*")) and not (target / "model.safetensors").exists()
 
 
-def test_trap5_schema_is_no_option_of_any_group(tmp_path, monkeypatch):
-    help_text = subprocess.run([sys.executable, "-m", "svdexp.app", "--help"], cwd=ROOT, env=offline_env(),
-                               capture_output=True, text=True, timeout=120).stdout
+def test_trap5_schema_is_no_option_of_any_group(tmp_path):
+    help_text = run_svdexp(["--help"]).stdout
     section = help_text.split("== Config groups")[1].split("== Settings")[0]
     groups = [line for line in section.splitlines() if line.split(":")[0] in
               ("model", "method", "allocation", "calib", "eval", "logger")]
@@ -217,6 +201,6 @@ def test_trap5_schema_is_no_option_of_any_group(tmp_path, monkeypatch):
     assert help_text.startswith("svdexp: compress") and "powered by Hydra" not in help_text   # the app's own text
     assert "svd_llm" in help_text and "last_layers" in help_text and "pretrained" in help_text
     for group in ("method", "model", "eval"):
-        code, stderr = call_svdexp(tmp_path, monkeypatch, f"{group}=schema")
+        code, stderr = call_svdexp(tmp_path, f"{group}=schema")
         assert code == 2 and f"Could not find '{group}/schema'" in stderr, stderr
         assert "Traceback" not in stderr and not (tmp_path / "run" / "results.json").exists()

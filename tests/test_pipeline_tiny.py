@@ -9,7 +9,7 @@ from conftest import TINY, read_results
 
 @pytest.mark.parametrize("method", ["svd", "svd_llm"])
 def test_tiny_run_writes_results(svdexp_run, method):
-    proc, run_dir = svdexp_run(*TINY, f"method={method}", "ratio=0.4", "eval.dense_baseline=true", timeout=600)
+    proc, run_dir = svdexp_run(*TINY, f"method={method}", "ratio=0.4", "eval.dense_baseline=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = read_results(run_dir)
     assert r["status"] == "done"
@@ -37,7 +37,7 @@ def test_tiny_run_writes_results(svdexp_run, method):
 
 
 def test_none_method_is_the_dense_model(svdexp_run):
-    proc, run_dir = svdexp_run(*TINY, "method=none", "eval.dense_baseline=true", timeout=600)
+    proc, run_dir = svdexp_run(*TINY, "method=none", "eval.dense_baseline=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = read_results(run_dir)
     assert r["compression"]["achieved_ratio_model"] == 0.0
@@ -71,7 +71,7 @@ def test_save_true_writes_a_loadable_checkpoint(svdexp_run):
 
     from svdexp import load_compressed
 
-    proc, run_dir = svdexp_run(*TINY, "method=svd_llm", "ratio=0.4", "save=true", timeout=600)
+    proc, run_dir = svdexp_run(*TINY, "method=svd_llm", "ratio=0.4", "save=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = read_results(run_dir)
     assert r["compression"]["saved_to"] == str(run_dir / "model")

@@ -1,4 +1,4 @@
-"""Sweeps: the statistics cache, resume after a kill, corrupt cache entries, and a submitit launcher."""
+"""Sweeps: the statistics cache, resume after a kill, corrupt cache entries, and the two local launchers."""
 
 import json
 import os
@@ -8,18 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, TINY, offline_env, read_results
+import pytest
+
+from conftest import ROOT, TINY, offline_env, read_results, run_process, run_svdexp
+from svdexp import sweep
 
 
-def env_with_cache(cache: Path) -> dict:
-    env = offline_env()
-    env["SVDEXP_CACHE"] = str(cache)
-    return env
-
-
-def run(args, run_dir, cache, timeout=600):
-    cmd = [sys.executable, "-m", "svdexp.app", *TINY, *args, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env_with_cache(cache), capture_output=True, text=True, timeout=timeout)
+def run(args, run_dir, cache):
+    """One tiny job in this process with ``$SVDEXP_CACHE`` = ``cache``."""
+    return run_svdexp([*TINY, *args], run_dir, cache)
 
 
 def test_statistics_are_cached_shared_and_rebuilt_when_corrupt(tmp_path):
@@ -75,11 +72,12 @@ def done_jobs(out: Path) -> dict[str, float]:
     return jobs
 
 
+@pytest.mark.integration
 def test_killed_sweep_resumes_with_every_job_done_once(tmp_path):
     sweep_file = tmp_path / "killtest.yaml"
     sweep_file.write_text(SWEEP)
     out = tmp_path / "sweep"
-    env = env_with_cache(tmp_path / "cache")
+    env = offline_env(SVDEXP_CACHE=str(tmp_path / "cache"))
     # kill the sweep with SIGKILL (whole process group) once the second job has finished
     proc = subprocess.Popen(sweep_cmd(sweep_file, out), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,31 +104,34 @@ def test_killed_sweep_resumes_with_every_job_done_once(tmp_path):
     assert any("method=svd_llm" in n and n.endswith("ratio=0.4") for n in names)
 
 
-def test_sweep_file_with_a_typo_is_rejected(tmp_path):
+def test_sweep_file_with_a_typo_is_rejected(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(SWEEP.replace("grids:", "gridz:"))
-    proc = subprocess.run(sweep_cmd(bad, tmp_path / "out"), cwd=ROOT, env=offline_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "unknown key(s) 'gridz'" in proc.stderr and "allowed: name" in proc.stderr
+    assert sweep.main([str(bad), f"hydra.sweep.dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) 'gridz'" in err and "allowed: name" in err
     typo = tmp_path / "typo.yaml"
     typo.write_text(SWEEP.replace("ratio:", "ratoi:"))
-    proc = subprocess.run(sweep_cmd(typo, tmp_path / "out2"), cwd=ROOT, env=offline_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2 and "ratoi" in proc.stderr
+    assert sweep.main([str(typo), f"hydra.sweep.dir={tmp_path / 'out2'}"]) == 2
+    assert "ratoi" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
 
 
-def test_submitit_local_launcher_runs_two_jobs(tmp_path):
+@pytest.mark.integration
+@pytest.mark.parametrize("launcher", ["submitit_local", "parallel"])
+def test_local_launcher_runs_two_jobs(tmp_path, launcher):
+    """submitit (the Slurm mechanics, locally) and joblib (``parallel``, two jobs at once: each job's threads are
+    the cores divided by the two jobs)."""
     out = tmp_path / "multirun"
-    cmd = [sys.executable, "-m", "svdexp.app", "-m", *TINY, "method=svd,svd_llm", "hydra/launcher=submitit_local",
-           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_cache(tmp_path / "cache"), capture_output=True, text=True,
-                          timeout=900)
+    extra = ["hydra.launcher.timeout_min=10"] if launcher == "submitit_local" else []
+    proc = run_process(["-m", *TINY, "method=svd,svd_llm", f"hydra/launcher={launcher}", *extra,
+                        f"hydra.sweep.dir={out}"], cache=tmp_path / "cache", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [read_results(p.parent) for p in out.rglob("results.json")]
     assert sorted(r["compression"]["method"] for r in results) == ["svd", "svd_llm"]
     assert all(r["status"] == "done" for r in results)
+    if launcher == "parallel":
+        assert {r["threads"] for r in results} == {max(1, len(os.sched_getaffinity(0)) // 2)}
 
 
 def test_finished_run_is_reused_across_cache_and_logger_settings_only(tmp_path):

@@ -54,16 +54,6 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(_smollm2_dir()), gguf_file=GGUF)
 
 
-@pytest.fixture(scope="module")
-def smollm2_model():
-    """The real SmolLM2-135M-Instruct, dequantised to fp32 (~17 s)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(_smollm2_dir()), gguf_file=GGUF)
-    model.eval()
-    return model
-
-
 @pytest.fixture
 def no_network(monkeypatch):
     """Make any attempt to open an internet connection fail loudly."""
@@ -269,12 +259,9 @@ def test_compressed_models_get_their_own_response_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_arc_easy_beats_chance(smollm2_model, smollm2_tokenizer, no_network):
-    """150 ARC-Easy validation questions: the dense model is far above chance (0.25).
-
-    Model load ~20 s + ~600 scored continuations: 4-6 min measured on the shared 2-core machine.
-    """
-    result = evaluate_zeroshot(smollm2_model, smollm2_tokenizer, ZeroShotRun(["arc_easy_embedded"], limit=150,
+def test_real_smollm2_arc_easy_beats_chance(smollm2, no_network):
+    """150 ARC-Easy validation questions: the dense model is far above chance (0.25)."""
+    result = evaluate_zeroshot(smollm2.model, smollm2.tokenizer, ZeroShotRun(["arc_easy_embedded"], limit=150,
                                                                              batch_size=16, max_length=2048))
     arc = result["arc_easy_embedded"]
     assert arc["samples"] == 150

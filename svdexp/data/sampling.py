@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 
@@ -10,7 +11,27 @@ from svdexp.errors import ConfigError
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
-    """Tokenise a whole split once, with the tokenizer's default special tokens, as a 1-D LongTensor."""
+    """Tokenise a whole split once, with the tokenizer's default special tokens, as a 1-D LongTensor.
+
+    Remembered per process for a fast tokenizer (keyed by its serialised form and the text's hash, not by object
+    identity): runs of one process (a Hydra multirun's basic launcher, the benchmarks, the tests) tokenise each
+    split once. The caller gets its own tensor."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return _tokenize(tokenizer, text)
+    key = (hashlib.sha256(backend.to_str().encode()).hexdigest(), hashlib.sha256(text.encode()).hexdigest())
+    if key not in _TOKENIZED:
+        if len(_TOKENIZED) >= _TOKENIZED_MAX:
+            _TOKENIZED.pop(next(iter(_TOKENIZED)))
+        _TOKENIZED[key] = _tokenize(tokenizer, text)
+    return _TOKENIZED[key].clone()
+
+
+_TOKENIZED: dict[tuple[str, str], torch.Tensor] = {}
+_TOKENIZED_MAX = 8          # splits remembered (the embedded ones are ~0.1-1 M tokens: a few MB each)
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0].long()
     _return_freed_memory()
     return ids

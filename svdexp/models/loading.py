@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -80,12 +82,19 @@ def _tiny_random(cfg, dtype: torch.dtype, seed: int) -> tuple[nn.Module, object]
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tokenizer = None
     if cfg.package and cfg.gguf_file:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(_package_dir(cfg.package)), gguf_file=cfg.gguf_file)
+        tokenizer = copy.deepcopy(_packaged_tokenizer(cfg.package, cfg.gguf_file))
     elif cfg.path:
         tokenizer = _load_tokenizer(cfg.path)
     return model, tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _packaged_tokenizer(package: str, gguf_file: str):
+    """The tokenizer of a packaged GGUF, parsed once per process (~5 s: the reader walks the whole file's
+    metadata); callers take a copy, so that nothing one run sets on it reaches the next."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_package_dir(package)), gguf_file=gguf_file)
 
 
 def _load_tokenizer(path: str):
