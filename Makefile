@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.svdexp-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast coverage bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,21 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/svdexp eval=demo
 
+# Test tiers (docs/testing.md): `make test-fast` after every edit (the unit tier, in-process);
+# `make test` before a submission and in CI (all three tiers; the 15 slowest tests printed).
+# -n 2: one pytest worker per core (tests/conftest.py pins each to its core, one torch thread);
+# --dist loadgroup: the SmolLM2 tests stay on one worker, which converts and loads the model once.
+XDIST := -n 2 --dist loadgroup
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST) --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not integration and not slow"
+
+# Line coverage of svdexp/ over the whole suite (in-process code; processes the tests start are not traced).
+coverage: setup
+	$(PY) -m pytest $(XDIST) --cov=svdexp --cov-report=term
 
 bench: setup
 	$(PY) benchmarks/compress.py

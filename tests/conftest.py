@@ -27,10 +27,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra._internal.utils as hydra_utils
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Hydra prints a configuration error and exits unless it believes a debugger is attached, which it infers from
+# sys.gettrace(): under coverage's tracer (make coverage) every error test would see a raised exception instead
+# of what a user sees in a terminal. The tracer is no debugger.
+hydra_utils.is_under_debugger = lambda: False
 
 # Tiny sizes for the tiny random model: seconds per run.
 TINY = ["model=tiny_random", "logger=none", "calib.num_samples=4", "calib.seq_len=64",
@@ -143,6 +149,15 @@ def pytest_configure(config):
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first and in one xdist group: under ``-n 2 --dist loadgroup`` one worker converts and
+    loads the packaged model once and runs them (the longest tests) while the other takes everything else."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -354,6 +354,8 @@ def test_smollm2_size_on_disk_matches_parameter_count(tmp_path: Path, smollm2) -
     """SmolLM2-135M at ratio 0.4: bytes on disk within 2 % of (unique parameters x 4 bytes)."""
     import copy
 
+    from transformers import AutoTokenizer
+
     model, tokenizer = copy.deepcopy(smollm2.model), smollm2.tokenizer
     ranks = compress_truncated_svd(model, RATIO)
     assert len(ranks) == 30 * 7

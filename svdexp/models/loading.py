@@ -6,6 +6,7 @@ import copy
 import functools
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -90,11 +91,25 @@ def _tiny_random(cfg, dtype: torch.dtype, seed: int) -> tuple[nn.Module, object]
 
 @functools.lru_cache(maxsize=4)
 def _packaged_tokenizer(package: str, gguf_file: str):
-    """The tokenizer of a packaged GGUF, parsed once per process (~5 s: the reader walks the whole file's
-    metadata); callers take a copy, so that nothing one run sets on it reaches the next."""
+    """The tokenizer of a packaged GGUF, once per process. Parsing it from the GGUF takes ~5 s (the reader walks
+    the whole file's metadata), so the first parse is kept as a plain tokenizer folder,
+    ``$SVDEXP_CACHE/models/<gguf stem>.tokenizer``, read in a fraction of a second by later processes. Callers
+    take a copy, so that nothing one run sets on it reaches the next."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(_package_dir(package)), gguf_file=gguf_file)
+    folder = cache_dir() / "models" / f"{Path(gguf_file).stem}.tokenizer"
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_file(package, gguf_file).parent), gguf_file=gguf_file)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    try:                    # best effort: without it, the next process parses the GGUF again
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(folder)
+    except Exception:       # a full disk, a file-size limit (the tokenizers library raises a bare Exception)
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
 
 
 def _load_tokenizer(path: str):
