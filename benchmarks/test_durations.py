@@ -4,8 +4,12 @@
     .venv/bin/python benchmarks/test_durations.py /tmp/suite.xml --label after --wall 512.3
 
 Writes ``benchmarks/results/test_durations_<label>.{md,json}``: the 30 slowest tests (setup + call + teardown, as
-JUnit reports them) and every file's total, count and tier mix. ``--wall`` (seconds, as ``time`` printed them)
-is recorded beside the sum of the tests' times: under ``pytest -n 2`` the sum exceeds the wall clock.
+JUnit reports them) and every file's total and count. ``--wall`` (seconds, as ``time`` printed them) is recorded
+beside the sum of the tests' times: under ``pytest -n 2`` the sum exceeds the wall clock.
+
+    .venv/bin/python benchmarks/test_durations.py --compare before after_coverage
+
+prints the per-file table of two saved labels side by side (Markdown).
 """
 
 from __future__ import annotations
@@ -63,14 +67,34 @@ def markdown(summary: dict, label: str, wall: float | None, command: str | None)
     return "\n".join(lines) + "\n"
 
 
+def compare(first: str, second: str) -> str:
+    """Per-file tests and seconds of two saved labels, side by side, slowest (in ``first``) first."""
+    a, b = (json.loads((RESULTS / f"test_durations_{label}.json").read_text()) for label in (first, second))
+    lines = [f"| file | tests ({first}) | seconds ({first}) | tests ({second}) | seconds ({second}) |",
+             "|---|---|---|---|---|"]
+    names = list(a["per_file"]) + [n for n in b["per_file"] if n not in a["per_file"]]
+    for name in names:
+        fa, fb = a["per_file"].get(name, {}), b["per_file"].get(name, {})
+        lines.append(f"| `{name}` | {fa.get('tests', 0)} | {fa.get('seconds', 0.0):.1f} | {fb.get('tests', 0)} | "
+                     f"{fb.get('seconds', 0.0):.1f} |")
+    lines.append(f"| all | {a['tests']} | {a['sum_seconds']:.0f} | {b['tests']} | {b['sum_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("report", type=Path, help="pytest --junitxml output")
-    parser.add_argument("--label", required=True, help="names the output files (before, after, ...)")
+    parser.add_argument("report", type=Path, nargs="?", help="pytest --junitxml output")
+    parser.add_argument("--compare", nargs=2, metavar=("LABEL", "LABEL"), help="print two saved labels' files")
+    parser.add_argument("--label", help="names the output files (before, after, ...)")
     parser.add_argument("--wall", type=float, help="the run's wall-clock seconds")
     parser.add_argument("--command", help="the command that produced the report (printed in the table)")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare), end="")
+        return 0
+    if args.report is None or args.label is None:
+        parser.error("give a JUnit report and --label (or --compare LABEL LABEL)")
     summary = summarise(read_cases(args.report), args.top)
     summary.update(label=args.label, wall_seconds=args.wall, command=args.command)
     RESULTS.mkdir(exist_ok=True)
