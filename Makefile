@@ -23,9 +23,8 @@ demo: setup
 
 # Test tiers (docs/testing.md): `make test-fast` after every edit (the unit tier, in-process);
 # `make test` before a submission and in CI (all three tiers; the 15 slowest tests printed).
-# -n 2: one pytest worker per core (tests/conftest.py pins each to its core, one torch thread);
-# --dist loadgroup: the SmolLM2 tests stay on one worker, which converts and loads the model once.
-XDIST := -n 2 --dist loadgroup
+# -n 2: one pytest worker per core (tests/conftest.py pins each to its core, one torch thread).
+XDIST := -n 2
 
 test: setup
 	$(PY) -m pytest $(XDIST) --durations=15

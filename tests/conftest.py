@@ -9,7 +9,7 @@ Tiers (markers declared in pyproject.toml; docs/testing.md says what goes where)
   (:func:`_no_interpreter_in_unit_tests`).
 - ``integration``: the app as a real process, where the process is what is tested (an exit code seen by the
   shell, SIGKILL and resume, launchers, console scripts, per-process limits): :func:`run_process`.
-- ``slow``: the packaged SmolLM2-135M end to end; one converted copy and one loaded model per test run
+- ``slow``: the packaged SmolLM2-135M end to end; one converted copy and one loaded model per test process
   (:func:`smollm2`).
 
 Every test run (every xdist worker) gets its own empty ``$SVDEXP_CACHE``; a test that checks what a cache holds
@@ -152,11 +152,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first and in one xdist group: under ``-n 2 --dist loadgroup`` one worker converts and
-    loads the packaged model once and runs them (the longest tests) while the other takes everything else."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("smollm2"))
+    """The slow tests first: under ``pytest -n 2`` the longest tests start at once instead of forming a tail
+    on one worker after the others are done."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
