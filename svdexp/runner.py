@@ -34,9 +34,9 @@ from svdexp.config import check_context, validate
 from svdexp.context import RunContext
 from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
 from svdexp.errors import NumericalError, SaveError
-from svdexp.faults import crash_point
 from svdexp.evaluation.harness import ZeroShotRun, evaluate_zeroshot, response_cache_path
 from svdexp.evaluation.perplexity import first_nonfinite_module, perplexity
+from svdexp.faults import crash_point
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
 from svdexp.methods.linalg import svd_provider

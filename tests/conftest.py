@@ -61,19 +61,6 @@ class Completed:
     stderr: str
 
 
-@contextlib.contextmanager
-def _environ(**values: str | None):
-    """Set (or, with None, unset) environment variables for the duration of the block."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-
-
 def run_svdexp(args: list[str], run_dir: Path | None = None, cache: Path | None = None) -> Completed:
     """``svdexp *args`` in this process (``svdexp.app.main`` with an argv list), Hydra's run dir set to
     ``run_dir`` and, with ``cache``, ``$SVDEXP_CACHE`` set to it for the call."""
@@ -81,8 +68,9 @@ def run_svdexp(args: list[str], run_dir: Path | None = None, cache: Path | None 
 
     argv = [*args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
     out, err = io.StringIO(), io.StringIO()
-    with _environ(**({"SVDEXP_CACHE": str(cache)} if cache is not None else {})), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        if cache is not None:
+            env.setenv("SVDEXP_CACHE", str(cache))
         try:
             app.main(argv)
             code = 0
@@ -91,10 +79,10 @@ def run_svdexp(args: list[str], run_dir: Path | None = None, cache: Path | None 
     return Completed(code, out.getvalue(), err.getvalue())
 
 
-def run_process(args: list[str], run_dir: Path | None = None, cache: Path | None = None, *, module: str = "svdexp.app",
-                timeout: int = 600, preexec=None, **env: str) -> subprocess.CompletedProcess:
-    """``python -m <module> *args`` as a real process (integration tests only), offline, with ``env`` added."""
-    cmd = [sys.executable, "-m", module, *args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
+def run_process(args: list[str], run_dir: Path | None = None, cache: Path | None = None, *, timeout: int = 600,
+                preexec=None, **env: str) -> subprocess.CompletedProcess:
+    """``python -m svdexp.app *args`` as a real process (integration tests only), offline, with ``env`` added."""
+    cmd = [sys.executable, "-m", "svdexp.app", *args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
     extra = {**env, **({"SVDEXP_CACHE": str(cache)} if cache is not None else {})}
     return subprocess.run(cmd, cwd=ROOT, env=offline_env(**extra), capture_output=True, text=True, timeout=timeout,
                           preexec_fn=preexec)
