@@ -1,8 +1,10 @@
 """What the benchmark scripts share: the repository's paths, the composed config and the loaded run, timing, the
 process's memory, the real app run in a child process, and writing results.
 
-Every script imports it as ``from common import ...`` (a script's folder is first on ``sys.path``). Importing it
-loads nothing but the standard library, so that a memory measurement starts from a bare interpreter.
+Every script imports it as ``from common import ...`` (a script's folder is first on ``sys.path``), the
+``benchmarks.inference`` package as ``from benchmarks.common import ...`` (run with ``python -m`` from the
+repository's root). Importing it loads nothing but the standard library, so that a memory measurement starts
+from a bare interpreter.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def compose_config(overrides: list[str]):
 def load_run(cfg):
     """The run's context as the runner builds it: the model, its evaluation and calibration tokens, its weights'
     fingerprint (:class:`svdexp.context.RunContext`)."""
-    from svdexp.runner import _load
+    from svdexp.runner import load_context
 
-    return _load(cfg)
+    return load_context(cfg)
 
 
 # -- time ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from common import compose_config, load_run, timed, write_results
 
 from svdexp.compress import compress_model, target_shapes
 from svdexp.evaluation.perplexity import perplexity
-from svdexp.runner import _allocate, job_threads
+from svdexp.runner import allocate_ranks, job_threads
 from svdexp.statistics import RunStatistics, StatsPlan
 
 
@@ -31,7 +31,7 @@ def main(overrides: list[str]) -> dict:
     torch.set_num_threads(job_threads(cfg.threads))           # threads=1: timings a second process cannot disturb
     ctx = load_run(cfg)
     model, ids, batch_size = ctx.model, ctx.calib_ids, ctx.batch_size
-    shapes = target_shapes(model, ctx.adapter)
+    shapes = target_shapes(model, ctx.decoder)
 
     # Floor: a plain forward over the calibration tokens + one SVD of every targeted matrix.
     def forward_pass():
@@ -52,7 +52,7 @@ def main(overrides: list[str]) -> dict:
     # the run's own mechanism: each layer's statistics written to a (here private) store as soon as collected
     with RunStatistics(ctx, plan) as stats:
         _, t_calib = timed(stats.prepare)
-        alloc = _allocate(cfg, ctx, stats, shapes)
+        alloc = allocate_ranks(cfg, ctx, stats, shapes)
         _, t_decomp = timed(lambda: compress_model(ctx, stats, alloc.ranks))
     _, t_eval = timed(lambda: [perplexity(model, c, cfg.eval.ppl.batch_size, ctx.device)
                                for c in ctx.eval_sets.values()])

@@ -138,8 +138,8 @@ def measure(cfg, torch, conversion: dict | None) -> dict:
     from svdexp.cache import SVDCache
     from svdexp.compress import compress_model, target_shapes
     from svdexp.methods.linalg import svd_provider
-    from svdexp.models import load_model
-    from svdexp.runner import _allocate, _context, _evaluate_ppl, _tokens
+    from svdexp.models import discover, load_model
+    from svdexp.runner import allocate_ranks, build_context, evaluate_ppl, tokens
     from svdexp.statistics import RunStatistics, StatsPlan
 
     torch.manual_seed(cfg.seed)
@@ -147,22 +147,22 @@ def measure(cfg, torch, conversion: dict | None) -> dict:
     stages.run("imports", lambda: None)
     model, tokenizer = stages.run("load_model", lambda: load_model(cfg.model, cfg.dtype, cfg.seed))
     weights = sum(p.numel() for p in model.parameters()) * 4 / GB       # float32 bytes, tied weights once
-    eval_sets, calib_ids = stages.run("data", lambda: _tokens(cfg, tokenizer))
+    eval_sets, calib_ids = stages.run("data", lambda: tokens(cfg, tokenizer))
     # the run's context: its only heavy work is the weights' fingerprint
-    ctx = stages.run("fingerprint", lambda: _context(cfg, model, tokenizer, eval_sets, calib_ids))
-    shapes = target_shapes(model, ctx.adapter)
+    ctx = stages.run("fingerprint", lambda: build_context(cfg, model, tokenizer, eval_sets, calib_ids, discover(model)))
+    shapes = target_shapes(model, ctx.decoder)
     stats = RunStatistics(ctx, StatsPlan.for_run(ctx.method, cfg.method.propagate, cfg.allocation.name, ctx.options))
     stages.run("calibration", stats.prepare)
 
     def compression():
         svds = SVDCache(ctx.fingerprint, ctx.device.type) if ctx.svd_cache else None
         with svd_provider(svds):
-            compress_model(ctx, stats, _allocate(cfg, ctx, stats, shapes).ranks)
+            compress_model(ctx, stats, allocate_ranks(cfg, ctx, stats, shapes).ranks)
 
     stages.run("compression", compression)
     statistics_peak = stats.store.peak_bytes / GB
     stats.close()
-    ppl = stages.run("evaluation", lambda: _evaluate_ppl(cfg, ctx, "compressed"))
+    ppl = stages.run("evaluation", lambda: evaluate_ppl(cfg, ctx, "compressed"))
 
     # one layer's calibration activations: its inputs and outputs, float32 (the dtype of the run)
     hidden = model.config.hidden_size * calib_ids.numel() * torch.finfo(getattr(torch, cfg.dtype)).bits // 8 / GB

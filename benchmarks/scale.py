@@ -44,7 +44,7 @@ def one_solver(solver: str, method_name: str, samples: int, seq_len: int) -> dic
     from svdexp.context import RunContext
     from svdexp.methods import METHODS
     from svdexp.methods.linalg import svd_provider
-    from svdexp.models import adapter_for
+    from svdexp.models import discover
     from svdexp.statistics import RunStatistics, StatsPlan
 
     torch.manual_seed(0)
@@ -52,10 +52,10 @@ def one_solver(solver: str, method_name: str, samples: int, seq_len: int) -> dic
     ids = torch.randint(0, LLAMA_7B["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(0))
     method = METHODS[method_name]
     options = {"name": method_name, "propagate": "original", "solver": solver, "damping": 1e-6, "update": "none"}
-    ctx = RunContext(model, adapter_for("llama"), method, options, ids, batch_size=8, device=torch.device("cpu"),
+    ctx = RunContext(model, discover(model), method, options, ids, batch_size=8, device=torch.device("cpu"),
                      seed=0, fingerprint=f"scale-benchmark-{solver}")
     plan = StatsPlan.for_run(method, "original", "uniform", options)
-    shapes = target_shapes(model, ctx.adapter)
+    shapes = target_shapes(model, ctx.decoder)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["SVDEXP_CACHE"] = cache          # the SVD cache's files
         # the run's own statistics, in a private store (ctx.stats_cache is None): only those the plan needs

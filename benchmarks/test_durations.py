@@ -7,9 +7,11 @@ Writes ``benchmarks/results/test_durations_<label>.{md,json}``: the 30 slowest t
 JUnit reports them) and every file's total and count. ``--wall`` (seconds, as ``time`` printed them) is recorded
 beside the sum of the tests' times: under ``pytest -n 2`` the sum exceeds the wall clock.
 
-    .venv/bin/python benchmarks/test_durations.py --compare before after_coverage
+    .venv/bin/python benchmarks/test_durations.py --compare after_make_test after
 
-prints the per-file table of two saved labels side by side (Markdown).
+prints the per-file table of two saved labels side by side (Markdown). results/ keeps the latest label; an earlier
+one is in git history (``git show e1f191c:benchmarks/results/test_durations_before.json``) and compares once
+written back to its place.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -49,6 +50,32 @@ def _check_targets(hydra_cfg) -> None:
                               "classes (svdexp.*) may be instantiated from a config.")
 
 
+# Third-party log records that say nothing to an svdexp user, as (logger, words of the message): lm-eval's notes
+# on wrapping a model object (svdexp always passes its loaded model) and its hint about `--metadata` (a flag of its
+# own command line), each once per task and evaluation. The console drops them; the run's log file keeps them.
+CONSOLE_NOISE = (
+    ("lm_eval.models.huggingface", "model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model"),
+    ("lm_eval.api.task", "Custom kwargs can be passed to `--metadata`"),
+)
+
+
+class ConsoleNoise(logging.Filter):
+    """Drops the records of :data:`CONSOLE_NOISE`; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.name == name and words in record.getMessage() for name, words in CONSOLE_NOISE)
+
+
+def quiet_console() -> None:
+    """Put :class:`ConsoleNoise` on the console handlers of the logging Hydra set up for this job (its
+    ``<run dir>/<job name>.log`` file handler keeps every record)."""
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, ConsoleNoise) for f in handler.filters):
+            handler.addFilter(ConsoleNoise())
+
+
 # Exit codes: 2 a bad configuration (nothing was run), 3 a numerical failure (results.json says "failed"),
 # 4 the checkpoint could not be saved (results.json holds the metrics and the error).
 EXIT_CODES = {ConfigError: 2, NumericalError: 3, SaveError: 4}
@@ -61,6 +88,7 @@ def _job(cfg: DictConfig) -> None:
 
     global _job_started
     _job_started = True
+    quiet_console()
     try:
         _check_targets(HydraConfig.get())
         results = run(cfg, HydraConfig.get().runtime.output_dir)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from svdexp.cache_budget import (ENV_MAX_GB, FOLDER_KINDS, KINDS, RECENT_USE_S, Entry, cache_root, entry_model,
                                  read_model_index, remove_entry, resolve_max_gb, scan)
+from svdexp.memory import clean_scratch
 
 
 def human(size: float) -> str:
@@ -163,6 +164,10 @@ def cmd_clear(sel: Selection, args) -> int:
         print(f"{verb} {n} {kind} entries of {label}: {human(s)}")
     print(f"{verb} {count} entries, {human(size)}{_filters(args)} from {sel.root}"
           + (f"; kept {kept} files being written" if kept else ""))
+    leftovers = clean_scratch(dry_run=args.dry_run)       # activation files of killed runs (calib.activations=disk)
+    if leftovers:
+        print(f"{verb} {len(leftovers)} activation files of runs that are gone: "
+              f"{human(sum(size for _, size in leftovers))}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Layer-by-layer activation statistics.
 
-The inputs of decoder layer 0 are captured once; then each layer in turn is moved to the device, run over
-the calibration samples with hooks on its input sites, and its outputs become the next layer's inputs.
+The inputs of decoder layer 0, and what the model passes each layer beside them (masks, position embeddings), are
+captured once; then each layer in turn is moved to the device, run over the calibration samples with hooks on its
+input sites (:mod:`svdexp.models.decoder`), and its outputs become the next layer's inputs.
 Peak memory is one decoder layer plus the activations, whatever the model's depth.
 
 Statistics per input site: ``H`` (Gram matrix ``X X^T``), ``abs_mean`` (mean ``|x|`` per channel),
@@ -22,6 +23,7 @@ beside the input sites, so every structure keyed by statistic name and site carr
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -30,8 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdexp.errors import NumericalError
+from svdexp.memory import scratch_file
 from svdexp.methods.linalg import damped_cholesky, psd_root
-from svdexp.models.adapters import Adapter
+from svdexp.models.decoder import Decoder, as_matrix_grad, matrix_shape
 
 if TYPE_CHECKING:
     from svdexp.context import RunContext
@@ -101,11 +104,45 @@ class MatrixStats:
         return self.site.root(key)
 
 
+class DiskActivations:
+    """Calibration activations in a memory-mapped file (``calib.activations=disk``): two slots, a layer's inputs
+    and its outputs, each ``samples x seq_len x hidden`` in the model's dtype, written and read a batch at a time;
+    the kernel pages them out instead of the process holding them. Same values as in memory, bit for bit."""
+
+    def __init__(self, path: Path, num_samples: int, batch_size: int) -> None:
+        self.path, self.num_samples, self.batch_size = path, num_samples, batch_size
+        self.data: torch.Tensor | None = None
+
+    def put(self, slot: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Store ``hidden`` (batch ``batch`` of a layer's inputs or outputs) in ``slot``; returns the stored view."""
+        if self.data is None:
+            shape = (2, self.num_samples, *hidden.shape[1:])
+            numel = 1
+            for size in shape:
+                numel *= size
+            with open(self.path, "wb") as handle:
+                handle.truncate(numel * hidden.element_size())        # sparse: blocks are written as filled
+            self.data = torch.from_file(str(self.path), shared=True, size=numel, dtype=hidden.dtype).view(shape)
+        start = batch * self.batch_size
+        view = self.data[slot, start:start + hidden.shape[0]]
+        view.copy_(hidden)
+        return view
+
+
 @dataclass
 class LayerInputs:
-    """Hidden states entering one decoder layer, per calibration batch, and the kwargs the model passed."""
+    """Hidden states entering decoder layer ``index``, per calibration batch, and what the model passes each layer
+    beside them (``calls[layer][batch]``: extra positional and keyword arguments: masks, position embeddings).
+    Layers of one model may be passed different masks (sliding-window and full attention, hybrid layers).
+    With ``disk``, the hidden states are views of a memory-mapped file (slot ``index % 2``)."""
     hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    calls: list[list[tuple[tuple, dict]]]
+    index: int = 0
+    disk: DiskActivations | None = None
+
+    def keep(self, batch: int, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """``hidden`` as kept for layer ``index``'s batch ``batch``: itself in memory, or written to disk."""
+        return hidden if self.disk is None else self.disk.put(index % 2, batch, hidden)
 
 
 @dataclass(frozen=True)
@@ -132,27 +169,50 @@ class _Stop(Exception):
     pass
 
 
-def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    return parent, attr
+class _StandIn(nn.Module):
+    """Takes decoder layer ``index``'s place while the inputs are captured: records what the model passes it and
+    hands the hidden state on unchanged, shaped as the real layer returns it; the last one stops the pass.
+    Attributes the model reads from its layers (``attention_type``, ...) come from the real layer."""
 
+    def __init__(self, real: nn.Module, index: int, captured: LayerInputs, last: bool, device: torch.device,
+                 output: dict[str, bool]):
+        super().__init__()
+        object.__setattr__(self, "_real", real)      # not a submodule: moving the model leaves the layer where it is
+        self.index, self.captured, self.last, self.device = index, captured, last, device
+        self.output = output                          # shared by the stand-ins: {"tuple": whether layers return one}
 
-def capture_layer0_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int,
-                          device: torch.device) -> LayerInputs:
-    """Run the model up to decoder layer 0 and keep what enters it; only layer 0 visits the device."""
-    parent, attr = _parent_and_attr(model, adapter.layers_path)
-    layers = getattr(parent, attr)
-    captured = LayerInputs([], [])
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
 
-    def catch(_module, args, kwargs):
+    def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        captured.kwargs.append(kwargs)
-        raise _Stop
+        rest = tuple(args[1:])
+        if self.index == 0:
+            self.captured.hidden.append(self.captured.keep(len(self.captured.hidden), hidden, 0))
+        self.captured.calls[self.index].append((rest, kwargs))
+        if self.last:
+            raise _Stop
+        if "tuple" not in self.output:      # once: how the real layer shapes its output (a tensor or a tuple)
+            real = object.__getattribute__(self, "_real").to(self.device)
+            self.output["tuple"] = isinstance(real(hidden, *rest, **dict(kwargs)), tuple)
+            real.to("cpu")
+        return (hidden,) if self.output["tuple"] else hidden
 
-    setattr(parent, attr, nn.ModuleList([layers[0]]))
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+
+def capture_inputs(model: nn.Module, decoder: Decoder, input_ids: torch.Tensor, batch_size: int,
+                   device: torch.device, disk: DiskActivations | None = None) -> LayerInputs:
+    """Run the model with every decoder layer replaced by a :class:`_StandIn` and keep what enters layer 0 and
+    what each layer is passed besides; no decoder layer's weights visit the device here."""
+    layers = decoder.layers(model)
+    parent_path, _, attr = decoder.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    captured = LayerInputs([], [[] for _ in layers], 0, disk)
+    output: dict[str, bool] = {}
+    stand_ins = [_StandIn(layer, i, captured, i == len(layers) - 1, device, output) for i, layer in enumerate(layers)]
+    setattr(parent, attr, nn.ModuleList(stand_ins))
     try:
         model.to(device)
         with torch.no_grad():
@@ -162,7 +222,6 @@ def capture_layer0_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.T
                 except _Stop:
                     pass
     finally:
-        handle.remove()
         setattr(parent, attr, layers)
         model.to("cpu")
     return captured
@@ -236,12 +295,12 @@ class _OutputAccumulator:
 
 
 @contextmanager
-def _site_hooks(layer: nn.Module, adapter: Adapter, accumulators: dict[str, _SiteAccumulator],
+def _site_hooks(layer: nn.Module, sites: dict[str, tuple[str, ...]], accumulators: dict[str, _SiteAccumulator],
                 outputs: dict[str, _OutputAccumulator] | None = None) -> Iterator[None]:
     """Input-site accumulators on the first linear of their site, output ones on their linear."""
     handles = []
     for site, acc in accumulators.items():
-        first = layer.get_submodule(adapter.sites[site][0])
+        first = layer.get_submodule(sites[site][0])
         handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
     for path, acc in (outputs or {}).items():
         linear = layer.get_submodule(path)
@@ -255,15 +314,18 @@ def _site_hooks(layer: nn.Module, adapter: Adapter, accumulators: dict[str, _Sit
 
 def run_layer(layer: nn.Module, inputs: LayerInputs,
               on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> LayerInputs:
-    """Run ``layer`` over every batch of ``inputs``; the outputs, with the same kwargs, are the next inputs."""
+    """Run ``layer`` (decoder layer ``inputs.index``) over every batch of ``inputs``, with what the model passes that
+    layer; the outputs are the next layer's inputs."""
     outputs = []
+    device = next(layer.parameters()).device
     with torch.no_grad():
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            out = _hidden_out(layer(hidden, **kwargs))
+        for batch, (hidden, (args, kwargs)) in enumerate(zip(inputs.hidden, inputs.calls[inputs.index])):
+            hidden = hidden.to(device)           # from disk a batch at a time; in memory already there
+            out = _hidden_out(layer(hidden, *args, **kwargs))
             if on_output is not None:
                 on_output(hidden, out)
-            outputs.append(out)
-    return LayerInputs(outputs, inputs.kwargs)
+            outputs.append(inputs.keep(batch, out, inputs.index + 1))
+    return LayerInputs(outputs, inputs.calls, inputs.index + 1, inputs.disk)
 
 
 @dataclass
@@ -273,17 +335,18 @@ class LayerStats:
     cosine: float | None = None
 
 
-def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs: frozenset[str],
+def collect_layer(layer: nn.Module, sites: dict[str, tuple[str, ...]], inputs: LayerInputs, needs: frozenset[str],
                   layer_name: str, groups: StackGroups | None = None) -> tuple[LayerStats, LayerInputs]:
     """One pass of ``layer`` over ``inputs``: its site statistics (input sites, and the outputs of the matrices
     that need ``C_out``), cosine (if needed), and its outputs."""
-    shapes = {path: tuple(layer.get_submodule(path).weight.shape) for path in adapter.targets}
+    targets = [path for paths in sites.values() for path in paths]
+    shapes = {path: matrix_shape(layer.get_submodule(path)) for path in targets}
     accumulators = {}
-    for site, paths in adapter.sites.items():
+    for site, paths in sites.items():
         wanted = site_needs(needs, [shapes[p] for p in paths])
         if wanted:
             accumulators[site] = _SiteAccumulator(wanted, groups)
-    output_accs = {p: _OutputAccumulator(layer.get_submodule(p).bias) for p in adapter.targets
+    output_accs = {p: _OutputAccumulator(layer.get_submodule(p).bias) for p in targets
                    if wants_output_gram(needs, shapes[p])}
     cos_sum, cos_count = 0.0, 0
 
@@ -296,7 +359,7 @@ def collect_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, needs
             cos_sum += cos.double().sum().item()
             cos_count += cos.numel()
 
-    with _site_hooks(layer, adapter, accumulators, output_accs):
+    with _site_hooks(layer, sites, accumulators, output_accs):
         outputs = run_layer(layer, inputs, on_output)
     sites = {}
     for site, acc in {**accumulators, **output_accs}.items():
@@ -317,20 +380,34 @@ def collect_statistics(ctx: RunContext, needs: frozenset[str],
     With ``on_layer``, each layer's statistics go to ``on_layer(index, stats)`` as soon as the layer is done
     and are not kept (the result is then empty): the statistics in memory are one layer's, at any depth.
     """
-    inputs = capture_layer0_inputs(ctx.model, ctx.adapter, ctx.calib_ids, ctx.batch_size, ctx.device)
-    groups = groups_for(ctx, needs)
-    layers = ctx.adapter.layers(ctx.model)
-    result = []
-    for i in tqdm(range(len(layers)), desc="calibration", unit="layer"):
-        layer = layers[i].to(ctx.device)
-        stats, inputs = collect_layer(layer, ctx.adapter, inputs, needs, ctx.adapter.layer_prefix(i), groups)
-        layers[i].to("cpu")
-        if on_layer is None:
-            result.append(stats)
-        else:
-            on_layer(i, stats)
-        del stats
+    with activation_storage(ctx) as disk:
+        inputs = capture_inputs(ctx.model, ctx.decoder, ctx.calib_ids, ctx.batch_size, ctx.device, disk)
+        groups = groups_for(ctx, needs)
+        layers = ctx.decoder.layers(ctx.model)
+        result = []
+        for i in tqdm(range(len(layers)), desc="calibration", unit="layer"):
+            layer = layers[i].to(ctx.device)
+            stats, inputs = collect_layer(layer, ctx.decoder.sites(i), inputs, needs, ctx.decoder.layer_prefix(i),
+                                          groups)
+            layers[i].to("cpu")
+            if on_layer is None:
+                result.append(stats)
+            else:
+                on_layer(i, stats)
+            del stats
+        del inputs
     return result
+
+
+@contextmanager
+def activation_storage(ctx: RunContext) -> Iterator[DiskActivations | None]:
+    """Where a pass over the layers keeps its activations: ``None`` (in memory) or a memory-mapped file under
+    ``$SVDEXP_CACHE/scratch`` (``ctx.activations == "disk"``), removed when the pass ends or fails."""
+    if ctx.activations != "disk":
+        yield None
+        return
+    with scratch_file() as path:
+        yield DiskActivations(path, ctx.calib_ids.shape[0], ctx.batch_size)
 
 
 def _gradient_passes(model: nn.Module, weights: dict, input_ids: torch.Tensor, device: torch.device,
@@ -357,36 +434,38 @@ def _gradient_passes(model: nn.Module, weights: dict, input_ids: torch.Tensor, d
         model.to("cpu")
 
 
-def fisher_information(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, reduce: str,
+def fisher_information(model: nn.Module, decoder: Decoder, input_ids: torch.Tensor, reduce: str,
                        device: torch.device) -> dict[str, torch.Tensor]:
     """Per targeted matrix, squared LM-loss gradients summed over samples and reduced over ``rows``/``columns``.
 
     ``rows``: importance of each output row (FWSVD paper), ``columns``: of each input column (ASVD code).
     One backward pass per calibration sample (:func:`_gradient_passes`).
     """
-    names = [f"{adapter.layer_prefix(i)}.{t}" for i in range(len(adapter.layers(model))) for t in adapter.targets]
-    weights = {name: model.get_submodule(name).weight for name in names}
-    sums = {name: torch.zeros(w.shape[0] if reduce == "rows" else w.shape[1], dtype=torch.float64)
-            for name, w in weights.items()}
+    modules = {f"{decoder.layer_prefix(i)}.{t}": model.get_submodule(f"{decoder.layer_prefix(i)}.{t}")
+               for i in range(decoder.num_layers) for t in decoder.targets(i)}
+    weights = {name: module.weight for name, module in modules.items()}
+    sums = {name: torch.zeros(matrix_shape(module)[0 if reduce == "rows" else 1], dtype=torch.float64)
+            for name, module in modules.items()}
     for _ in _gradient_passes(model, weights, input_ids, device, "fisher"):
         for name, w in weights.items():
-            g2 = w.grad.double() ** 2
+            g2 = as_matrix_grad(modules[name], w.grad).double() ** 2
             sums[name] += (g2.sum(1) if reduce == "rows" else g2.sum(0)).cpu()
     return sums
 
 
-def loss_gradients(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, device: torch.device
+def loss_gradients(model: nn.Module, decoder: Decoder, input_ids: torch.Tensor, device: torch.device
                    ) -> list[LayerStats]:
     """Per decoder layer, the LM-loss gradient ``G = sum_samples dLoss/dW`` of each targeted matrix (float32,
     statistic ``grad``, under the matrix's path like ``C_out``). One backward pass per calibration sample
     (:func:`_gradient_passes`), as for :func:`fisher_information`."""
-    layers = adapter.layers(model)
-    weights = {(i, t): layers[i].get_submodule(t).weight for i in range(len(layers)) for t in adapter.targets}
-    sums = {key: torch.zeros(w.shape, dtype=torch.float32) for key, w in weights.items()}
+    layers = decoder.layers(model)
+    modules = {(i, t): layers[i].get_submodule(t) for i in range(len(layers)) for t in decoder.targets(i)}
+    weights = {key: module.weight for key, module in modules.items()}
+    sums = {key: torch.zeros(matrix_shape(module), dtype=torch.float32) for key, module in modules.items()}
     for _ in _gradient_passes(model, weights, input_ids, device, "gradient"):
         for key, w in weights.items():
-            sums[key] += w.grad.float().cpu()
-    return [LayerStats({t: SiteStats({"grad": sums[(i, t)]}) for t in adapter.targets}) for i in range(len(layers))]
+            sums[key] += as_matrix_grad(modules[key], w.grad).float().cpu()
+    return [LayerStats({t: SiteStats({"grad": sums[(i, t)]}) for t in decoder.targets(i)}) for i in range(len(layers))]
 
 
 def stats_to_tensors(stats: list[LayerStats], stat: str) -> dict[str, torch.Tensor]:

@@ -1,18 +1,31 @@
 """Compressed checkpoints anyone can load: a Hugging Face folder with safetensors weights and remote code.
 
-Layout written by :func:`save_compressed`::
+Any decoder family transformers knows (any ``model_type`` in its ``CONFIG_MAPPING`` whose configuration has a
+causal-LM class) can be saved. Layout written by :func:`save_compressed` (format version 2)::
 
-    config.json                  base config + svdexp_ranks / svdexp_settings / svdexp_base_model_type + auto_map
-    model.safetensors            all weights (tied aliases such as lm_head.weight stored once), never pickle
-    configuration_svdexp.py      } copied from svdexp/hf_remote, so that
-    modeling_svdexp.py           } AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) works
-                                 } without svdexp installed
+    config.json                  model_type "svdexp": the base config's fields, plus
+                                   svdexp_base_model_type  the family ("llama", "gpt2", "phi3", ...)
+                                   svdexp_ranks            {module name: rank} of every low-rank layer
+                                   svdexp_settings         how it was compressed (informational)
+                                   svdexp_format_version   2
+                                 and auto_map -> configuration_svdexp.SvdexpConfig / modeling_svdexp.SvdexpForCausalLM
+    model.safetensors            all weights (tied aliases such as lm_head.weight stored once), never pickle;
+                                 a low-rank layer NAME is stored as NAME.B.weight (rank x in), NAME.A.weight
+                                 (out x rank) and NAME.A.bias when the dense layer had a bias
+    configuration_svdexp.py      } copied from svdexp/hf_remote: one generic config and model class for every
+    modeling_svdexp.py           } family, so that AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+                                 } works without svdexp installed
     generation_config.json, tokenizer files, README.md
 
+A low-rank layer replaces an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's layers, weight stored
+``in x out``); either way it computes ``A (B x) + bias``. The remote code builds the family's own causal-LM class
+(a run-time subclass ``Svdexp<Class>`` that swaps the low-rank layers in) and lets transformers load it.
+
 :func:`load_compressed` reads the same folder without remote code: it builds the base family model from the
-config on the meta device, swaps in :class:`~svdexp.lowrank.LowRankLinear` at the recorded ranks, checks every
-key and shape of the safetensors file against that skeleton and only then loads the tensors. Pickle files are
-refused outright; ``torch.load`` is never used.
+config on the meta device (with the skeleton helpers of ``svdexp/hf_remote``), swaps in
+:class:`~svdexp.lowrank.LowRankLinear` at the recorded ranks, checks every key and shape of the safetensors file
+against that skeleton and only then loads the tensors. Pickle files are refused outright; ``torch.load`` is never
+used. Format-1 folders (``model_type`` ``svdexp_<family>``, llama / mistral / qwen2 / opt) load too.
 """
 
 from __future__ import annotations
@@ -28,24 +41,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from svdexp.hf_remote.configuration_svdexp import (FORMAT_VERSION, MODEL_TYPE, base_config_from_dict, base_model_type,
+                                                   svdexp_config_dict)
+from svdexp.hf_remote.modeling_svdexp import REMOTE_FILES, causal_lm_class, swap_in_low_rank
 from svdexp.lowrank import LowRankLinear
 
-FORMAT_VERSION = 1
+READABLE_FORMAT_VERSIONS = (1, FORMAT_VERSION)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 REMOTE_DIR = Path(__file__).resolve().parent / "hf_remote"
-REMOTE_FILES = ("configuration_svdexp.py", "modeling_svdexp.py")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 
-# family (transformers model_type) -> (remote config class, remote model class)
-FAMILIES: dict[str, tuple[str, str]] = {
-    "llama": ("SvdexpLlamaConfig", "SvdexpLlamaForCausalLM"),
-    "mistral": ("SvdexpMistralConfig", "SvdexpMistralForCausalLM"),
-    "qwen2": ("SvdexpQwen2Config", "SvdexpQwen2ForCausalLM"),
-    "opt": ("SvdexpOPTConfig", "SvdexpOPTForCausalLM"),
-}
-_SVDEXP_KEYS = ("svdexp_ranks", "svdexp_settings", "svdexp_base_model_type", "svdexp_format_version")
 _MAX_LISTED = 6
 
 
@@ -97,12 +104,15 @@ def find_pickle_files(path: str | Path) -> list[str]:
 
 
 def _base_model_type(config: Any) -> str:
-    """Family of a (possibly already svdexp-wrapped) transformers config."""
+    """Family of a (possibly svdexp-wrapped) transformers config; ``ValueError`` naming it if transformers lacks it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     model_type = getattr(config, "model_type", None)
-    if isinstance(model_type, str) and model_type.startswith("svdexp_"):
+    if isinstance(model_type, str) and (model_type == MODEL_TYPE or model_type.startswith("svdexp_")):
         model_type = getattr(config, "svdexp_base_model_type", None) or model_type.removeprefix("svdexp_")
-    if model_type not in FAMILIES:
-        raise ValueError(f"cannot save a {model_type!r} model: supported families are {sorted(FAMILIES)}")
+    if not isinstance(model_type, str) or model_type.startswith("svdexp") or model_type not in CONFIG_MAPPING:
+        raise ValueError(f"cannot save a {model_type!r} model: transformers' CONFIG_MAPPING has no model_type "
+                         f"{model_type!r}, so the checkpoint could not be rebuilt from its config")
     return model_type
 
 
@@ -131,11 +141,17 @@ def _write_readme(path: Path, base: str, n_ranks: int, settings: dict) -> None:
     text = (
         "# svdexp low-rank checkpoint\n\n"
         f"A `{base}` causal LM in which {n_ranks} linear layers are stored as low-rank factors "
-        "(`x -> A (B x) + bias`); `config.json` records the rank of each (`svdexp_ranks`) and how the model "
+        "(`x -> A (B x) + bias`; a layer `NAME` is stored as `NAME.B.weight`, `NAME.A.weight` and, if it had one, "
+        "`NAME.A.bias`). `config.json` (`model_type` `svdexp`) holds the base model's configuration, its family "
+        f"(`svdexp_base_model_type`: `{base}`), the rank of each low-rank layer (`svdexp_ranks`) and how the model "
         "was compressed (`svdexp_settings`). Weights are in safetensors only.\n\n"
-        "Load without svdexp:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "Load without svdexp (the remote code in this folder, `modeling_svdexp.py`, builds transformers' own "
+        f"`{base}` causal-LM class with the low-rank layers swapped in):\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n"
         "tokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n\n"
+        "Evaluate with lm-eval's command line:\n\n```bash\nlm_eval --model hf --model_args "
+        "pretrained=PATH,trust_remote_code=True --tasks TASKS\n```\n\n"
         "Load with svdexp (no remote code):\n\n```python\nfrom svdexp.checkpoint import load_compressed\n"
         "model = load_compressed(PATH)\n```\n\n"
         f"Settings:\n\n```json\n{json.dumps(settings, indent=2, sort_keys=True)}\n```\n"
@@ -146,13 +162,36 @@ def _write_readme(path: Path, base: str, n_ranks: int, settings: dict) -> None:
 # ----------------------------------------------------------------------------------------------- saving
 
 
+def _check_reloadable(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``config`` rebuilds ``model``'s class with exactly ``tensors``' names and shapes."""
+    try:
+        skeleton, base_config = _build_skeleton(config, torch.float32)
+    except (CheckpointError, ValueError) as err:
+        raise ValueError(f"the config of this {type(model).__name__} does not rebuild it: {err}") from err
+    family_class = causal_lm_class(base_config)
+    if not isinstance(model, family_class):
+        raise ValueError(f"cannot save a {type(model).__name__}: a {base_config.model_type!r} checkpoint reloads as "
+                         f"{family_class.__name__} (the class AutoModelForCausalLM builds for that config)")
+    aliases = _aliases(skeleton)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in aliases}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = _key_and_shape_problems(expected, found, config["svdexp_ranks"])
+    if problems:
+        raise ValueError(f"refusing to save {type(model).__name__}: its tensors do not match the model its config "
+                         f"and rank map describe, so the folder would not load: {'; '.join(problems)}")
+
+
 def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, ranks: dict[str, int],
                     settings: dict) -> Path:
     """Write ``model`` (with ``LowRankLinear`` modules) as a Hugging Face folder loadable anywhere.
 
-    ``ranks`` must list exactly the model's low-rank modules with their ranks; ``settings`` (JSON-serialisable)
-    is stored as ``svdexp_settings``. ``tokenizer`` may be ``None``. ``path`` must not exist or be empty.
-    Returns ``path``.
+    ``model`` is any family's causal LM as ``AutoModelForCausalLM`` builds it (its config's ``model_type`` must
+    be in transformers' ``CONFIG_MAPPING``, else ``ValueError``), with ``nn.Linear`` / ``Conv1D`` layers replaced
+    by low-rank ones. ``ranks`` must list exactly the model's low-rank modules with their ranks; ``settings``
+    (JSON-serialisable) is stored as ``svdexp_settings``. ``tokenizer`` may be ``None``. ``path`` must not exist
+    or be empty. Before anything is written, the model the config describes is built on the meta device and its
+    tensor names and shapes are checked against the ones to be saved, so a folder that would not load is never
+    written. Returns ``path``.
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -180,22 +219,12 @@ def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, ranks: d
     config = model.config.to_diff_dict()
     # Not carried over: the GGUF quantization record (weights are dequantised), the local source path, any old
     # remote-code pointers, and use_cache (a runtime switch evaluation code turns off; inference wants the default).
-    for key in ("quantization_config", "_name_or_path", "use_cache", "auto_map", "architectures", *_SVDEXP_KEYS):
+    for key in ("quantization_config", "_name_or_path", "use_cache"):
         config.pop(key, None)
-    config_cls, model_cls = FAMILIES[base]
-    config.update({
-        "model_type": f"svdexp_{base}",
-        "architectures": [model_cls],
-        "auto_map": {"AutoConfig": f"configuration_svdexp.{config_cls}",
-                     "AutoModelForCausalLM": f"modeling_svdexp.{model_cls}"},
-        "dtype": _dtype_name(dtype),
-        "svdexp_base_model_type": base,
-        "svdexp_format_version": FORMAT_VERSION,
-        "svdexp_ranks": {name: int(ranks[name]) for name in sorted(ranks)},
-        "svdexp_settings": settings_json,
-    })
+    config = svdexp_config_dict({**config, "dtype": _dtype_name(dtype)}, base, ranks, settings_json)
 
     tensors = _tensors_to_save(model)
+    _check_reloadable(model, config, tensors)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS_NAME),
               metadata={"format": "pt", "svdexp_format_version": str(FORMAT_VERSION)})
@@ -247,13 +276,14 @@ def read_config(path: str | Path) -> dict[str, Any]:
     bad = [f"{k}={v!r}" for k, v in ranks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad:
         raise CheckpointError(f"{config_file}: the rank map must give positive integer ranks; got {_listing(bad)}")
-    base = config.get("svdexp_base_model_type")
-    if base not in FAMILIES:
-        raise CheckpointError(f"{config_file}: svdexp_base_model_type is {base!r}; supported: {sorted(FAMILIES)}")
+    try:
+        base_model_type(config)
+    except ValueError as err:
+        raise CheckpointError(f"{config_file}: {err}") from err
     version = config.get("svdexp_format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{config_file}: svdexp_format_version {version!r}; this svdexp reads version "
-                              f"{FORMAT_VERSION}")
+    if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
+        raise CheckpointError(f"{config_file}: svdexp_format_version {version!r}; this svdexp reads versions "
+                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     return config
 
 
@@ -291,31 +321,22 @@ def _file_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def _build_skeleton(config: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """The base family model on the meta device with ``LowRankLinear`` at the recorded ranks."""
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    """The base family model on the meta device with ``LowRankLinear`` at the recorded ranks.
 
-    base = config["svdexp_base_model_type"]
-    plain = {k: v for k, v in config.items() if k not in ("auto_map", "architectures", "model_type", *_SVDEXP_KEYS)}
-    base_config = CONFIG_MAPPING[base].from_dict(plain)
+    The family's configuration and causal-LM class come from the same helpers the remote code uses
+    (``svdexp/hf_remote``), and so does the swap (any ``nn.Linear`` or ``Conv1D`` named in the rank map).
+    """
+    try:
+        base_config = base_config_from_dict(config)
+        model_class = causal_lm_class(base_config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot rebuild the base model from the config: {err}") from err
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
-    wrong = []
-    for name, rank in config["svdexp_ranks"].items():
-        parent_name, _, child_name = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-        except AttributeError:
-            parent = None
-        old = getattr(parent, child_name, None) if parent is not None else None
-        if not isinstance(old, nn.Linear):
-            wrong.append(name)
-            continue
-        setattr(parent, child_name, LowRankLinear(old.in_features, old.out_features, rank, old.bias is not None,
-                                                  device="meta", dtype=old.weight.dtype))
-    if wrong:
-        raise CheckpointError(f"the rank map names module(s) {_listing(wrong)} that are not linear layers of a {base} "
-                              "model with this config")
+        model = model_class._from_config(base_config, dtype=dtype)
+    try:
+        swap_in_low_rank(model, config["svdexp_ranks"], factory=LowRankLinear)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
     return model, base_config
 
 
@@ -331,9 +352,9 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _check_keys_and_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
-                           ranks: dict[str, int], where: Path) -> None:
-    """Raise one :class:`CheckpointError` listing missing/unexpected keys and shape disagreements."""
+def _key_and_shape_problems(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                            ranks: dict[str, int]) -> list[str]:
+    """Missing / unknown tensor names and shape disagreements of ``found`` against ``expected``, as sentences."""
     problems = []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -354,14 +375,27 @@ def _check_keys_and_shapes(expected: dict[str, tuple[int, ...]], found: dict[str
     if shape_msgs:
         problems.append("shape mismatch: " + "; ".join(shape_msgs[:_MAX_LISTED])
                         + (f" (and {len(shape_msgs) - _MAX_LISTED} more)" if len(shape_msgs) > _MAX_LISTED else ""))
+    return problems
+
+
+def _check_keys_and_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                           ranks: dict[str, int], where: Path) -> None:
+    """Raise one :class:`CheckpointError` listing missing/unexpected keys and shape disagreements."""
+    problems = _key_and_shape_problems(expected, found, ranks)
     if problems:
         raise CheckpointError(f"the weights in {where} do not match its config.json and rank map: "
                               + "; ".join(problems) + ". The folder is incomplete or was modified after saving.")
 
 
 def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute non-persistent buffers (rotary ``inv_freq``) left on meta, via the model's own ``_init_weights``."""
-    owners = {}
+    """Recompute non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) left on meta, via the model's
+    own ``_init_weights``.
+
+    The module owning such a buffer may also own loaded tensors (Gemma's scaled embedding owns the embedding matrix
+    next to ``embed_scale``), which ``_init_weights`` would re-initialise: they are flagged ``_is_hf_initialized``
+    (transformers' init functions skip those) and copied back afterwards in any case.
+    """
+    owners: dict[str, tuple[nn.Module, list[str]]] = {}
     for name, buffer in list(model.named_buffers()):
         if not buffer.is_meta:
             continue
@@ -370,11 +404,19 @@ def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
         fill = math.nan if buffer.is_floating_point() else 0
         owner.register_buffer(buffer_name, torch.full(buffer.shape, fill, dtype=buffer.dtype, device=device),
                               persistent=buffer_name not in owner._non_persistent_buffers_set)
-        owners[owner_name] = owner
+        owners.setdefault(owner_name, (owner, []))[1].append(buffer_name)
     with torch.no_grad():
-        for owner_name, owner in owners.items():
+        for owner_name, (owner, rebuilt) in owners.items():
+            loaded = [tensor for name, tensor in [*owner.named_parameters(recurse=False),
+                                                  *owner.named_buffers(recurse=False)] if name not in rebuilt]
+            kept = [tensor.clone() for tensor in loaded]
+            for tensor in loaded:
+                tensor._is_hf_initialized = True
             model._init_weights(owner)
-            for buffer_name, buffer in owner.named_buffers(recurse=False):
+            for tensor, value in zip(loaded, kept):
+                tensor.copy_(value)
+            for buffer_name in rebuilt:
+                buffer = owner.get_buffer(buffer_name)
                 if buffer.is_floating_point() and torch.isnan(buffer).any():
                     raise RuntimeError(f"could not rebuild buffer {owner_name}.{buffer_name}: "
                                        f"{type(owner).__name__} is not initialised by "

@@ -9,6 +9,7 @@ produces, and the compressed layer's outputs feed layer ``l + 1``.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -16,22 +17,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdexp.calibration import (LayerInputs, LayerStats, MatrixStats, SiteStats, StackGroups,
-                                capture_layer0_inputs, collect_layer, groups_for, run_layer)
+                                activation_storage, capture_inputs, collect_layer, groups_for, run_layer)
 from svdexp.context import RunContext
 from svdexp.errors import NumericalError
 from svdexp.faults import crash_point
 from svdexp.lowrank import LowRankLinear
 from svdexp.methods.linalg import weight_in_use
-from svdexp.models.adapters import Adapter
+from svdexp.models.decoder import Decoder, weight_matrix
 from svdexp.statistics import RunStatistics
 
 
-def target_shapes(model: nn.Module, adapter: Adapter) -> list[dict[str, tuple[int, int]]]:
+def target_shapes(model: nn.Module, decoder: Decoder) -> list[dict[str, tuple[int, int]]]:
     """Per decoder layer, the full name and ``(m, n)`` shape of every targeted linear."""
     shapes = []
-    for i, layer in enumerate(adapter.layers(model)):
-        prefix = adapter.layer_prefix(i)
-        shapes.append({f"{prefix}.{t}": tuple(layer.get_submodule(t).weight.shape) for t in adapter.targets})
+    for i, layer in enumerate(decoder.layers(model)):
+        prefix = decoder.layer_prefix(i)
+        shapes.append({f"{prefix}.{t}": tuple(weight_matrix(layer.get_submodule(t)).shape) for t in decoder.targets(i)})
     return shapes
 
 
@@ -77,17 +78,17 @@ def compress_layer(ctx: RunContext, index: int, ranks: dict[str, int | None], si
 
     ``sites``: the statistics of each input site, and of each matrix's output under the matrix's path (its own
     statistics, e.g. ``C_out``, handed to the method with ``fisher`` as :attr:`MatrixStats.own`)."""
-    layer = ctx.adapter.layers(ctx.model)[index]
-    layer_name = ctx.adapter.layer_prefix(index)
+    layer = ctx.decoder.layers(ctx.model)[index]
+    layer_name = ctx.decoder.layer_prefix(index)
     method, device = ctx.method, ctx.device
-    for site, names in ctx.adapter.sites.items():
+    for site, names in ctx.decoder.sites(index).items():
         for t in names:
             full = f"{layer_name}.{t}"
             k = ranks.get(full)
             if k is None:
                 continue
             linear = layer.get_submodule(t)
-            W = linear.weight.detach().to(device=device, dtype=torch.float64)
+            W = weight_matrix(linear).detach().to(device=device, dtype=torch.float64)
             if not torch.isfinite(W).all():
                 raise NumericalError(f"non-finite weights in {full}.")
             own = dict(sites[t].tensors) if t in sites else {}
@@ -113,17 +114,19 @@ def compress_model(ctx: RunContext, stats: RunStatistics, ranks: dict[str, int |
     record = CompressionRecord()
     needs = stats.plan.prefix
     prefix = None
-    if needs:
-        t0 = time.perf_counter()
-        inputs = capture_layer0_inputs(ctx.model, ctx.adapter, ctx.calib_ids, ctx.batch_size, ctx.device)
-        prefix = _Prefix(needs, inputs, groups_for(ctx, needs))
-        record.prefix_seconds += time.perf_counter() - t0
-    layers = ctx.adapter.layers(ctx.model)
-    for i in tqdm(range(len(layers)), desc="compression", unit="layer"):
-        layers[i].to(ctx.device)
-        _compress_one(ctx, i, stats, ranks, prefix, record)
-        layers[i].to("cpu")
-        crash_point("compression_layer")
+    with activation_storage(ctx) if needs else nullcontext() as disk:
+        if needs:
+            t0 = time.perf_counter()
+            inputs = capture_inputs(ctx.model, ctx.decoder, ctx.calib_ids, ctx.batch_size, ctx.device, disk)
+            prefix = _Prefix(needs, inputs, groups_for(ctx, needs))
+            record.prefix_seconds += time.perf_counter() - t0
+        layers = ctx.decoder.layers(ctx.model)
+        for i in tqdm(range(len(layers)), desc="compression", unit="layer"):
+            layers[i].to(ctx.device)
+            _compress_one(ctx, i, stats, ranks, prefix, record)
+            layers[i].to("cpu")
+            crash_point("compression_layer")
+        del prefix
     return record
 
 
@@ -131,16 +134,17 @@ def _compress_one(ctx: RunContext, index: int, stats: RunStatistics, ranks: dict
                   prefix: _Prefix | None, record: CompressionRecord) -> None:
     """Compress one decoder layer; with ``prefix``, collect its statistics first and move ``prefix`` on to the
     compressed layer's outputs. Its statistics and Cholesky factors are locals here, freed on return."""
-    name = ctx.adapter.layer_prefix(index)
-    layer = ctx.adapter.layers(ctx.model)[index]
+    name = ctx.decoder.layer_prefix(index)
+    layer = ctx.decoder.layers(ctx.model)[index]
+    layer_sites = ctx.decoder.sites(index)
     with stats.layer(index) as original:
         prefix_stats = None
         if prefix is not None:
             t0 = time.perf_counter()
-            prefix_stats, _ = collect_layer(layer, ctx.adapter, prefix.inputs, prefix.needs, name, prefix.groups)
+            prefix_stats, _ = collect_layer(layer, layer_sites, prefix.inputs, prefix.needs, name, prefix.groups)
             record.prefix_seconds += time.perf_counter() - t0
         sites = {site: _site_stats(original, prefix_stats, ctx.propagate, site, ctx.device)
-                 for site in (*ctx.adapter.sites, *ctx.adapter.targets)}   # input sites, then each matrix's output
+                 for site in (*layer_sites, *ctx.decoder.targets(index))}   # input sites, then each matrix's output
         compress_layer(ctx, index, ranks, sites, stats.fisher)
         record.damped_sites.update({f"{name}.{site}": s.damping for site, s in sites.items() if s.damping > 0})
         del sites, original, prefix_stats     # before the store counts them released

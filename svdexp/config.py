@@ -4,6 +4,11 @@ The schema is the base of ``conf/config.yaml``: Hydra merges every group's YAML 
 dataclasses and rejects wrongly typed values on its own. :func:`validate` checks everything else before any
 model is loaded: keys outside the schema (Hydra accepts ``+key=...``), ranges, choices, cross-field
 feasibility, paths that must exist or be writable. :func:`check_context` adds what needs the loaded model.
+
+The ``method`` and ``allocation`` nodes are not written here: each method (policy) declares its options beside
+its code (:mod:`svdexp.methods`, :mod:`svdexp.allocation`), the node is built from them (:func:`options_schema`)
+and validated by walking them (:func:`_validate_options`): an option's type, choices and range, and an option
+the chosen method (policy) does not have is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from svdexp.allocation import ALLOCATIONS
 from svdexp.errors import ConfigError
+from svdexp.methods import METHODS, Options
 
 
 @dataclass
@@ -38,28 +45,39 @@ class ModelConfig:
     tiny: dict[str, Any] = field(default_factory=dict)  # tiny_random: config kwargs
 
 
-@dataclass
-class MethodConfig:
-    name: str = MISSING
-    propagate: str = "original"         # original | compressed: statistics from the dense or compressed prefix
-    damping: float = 1e-6               # relative Cholesky damping start (x mean diag H), grown x10 until PD
-    update: str = "none"                # svd_llm: none | closed_form
-    alpha: float = 0.5                  # asvd: exponent of the activation scaling
-    fisher: str = "rows"                # fwsvd: rows (paper) | columns (ASVD code's variant)
-    iters: int = 1                      # adasvd: adaComp rounds
-    groups: int = 0                     # adasvd: stack-of-batch groups (0 = no stacking)
-    beta: float = 0.05                  # ressvd: residual rank share
-    space: str = "plain"                # ressvd: plain | whitened residual truncation
-    solver: str = "auto"                # auto: Gram matrix of the smaller side, no S^-1 | svd: the papers' SVD path
+def options_schema(class_name: str, registry: dict[str, Any], name_default: Any = MISSING) -> type:
+    """The schema node of a group of ``registry`` (the methods or the allocation policies): ``name`` and every
+    option of every member, each declared once -- one type, one default, one set of allowed values (a member
+    that declares an option otherwise is an error) -- and each placed right before the next of its member's
+    options already placed, so that the node keeps every member's order. Every resolved ``method``
+    (``allocation``) config holds all of them (the keys of results.json's config); :func:`validate` refuses a
+    value for an option the chosen member does not have."""
+    declared: dict[str, tuple[Any, dataclasses.Field, str]] = {}
+    order: list[str] = []
+    for member in registry.values():
+        hints = typing.get_type_hints(member.options)
+        names = [f.name for f in dataclasses.fields(member.options)]
+        for i, f in enumerate(dataclasses.fields(member.options)):
+            if f.name in declared:
+                hint, first, owner = declared[f.name]
+                if (hint, first.default, dict(first.metadata)) != (hints[f.name], f.default, dict(f.metadata)):
+                    raise TypeError(f"{member.name} declares option {f.name} otherwise than {owner} (type, default "
+                                    f"or allowed values): an option of several members is one shared field.")
+                continue
+            declared[f.name] = (hints[f.name], f, member.name)
+            later = next((name for name in names[i + 1:] if name in order), None)
+            order.insert(order.index(later) if later else len(order), f.name)
+    return dataclasses.make_dataclass(class_name, [
+        ("name", str, field(default=name_default)),
+        *((key, declared[key][0], field(default=declared[key][1].default, metadata=declared[key][1].metadata))
+          for key in order)])
 
 
-@dataclass
-class AllocationConfig:
-    name: str = "uniform"
-    min_keep: Optional[float] = None    # adacr: minimum kept fraction (null = paper's value for the ratio)
-    num_layers: Any = "auto"            # last_layers: K, or auto (search by calibration perplexity)
-    score: str = "first_order"          # global: first_order (loss gradient) | truncation_loss (no gradient)
-    alpha: float = 1.0                  # erank: exponent of the layer importance
+MethodConfig = options_schema("MethodConfig", METHODS)
+AllocationConfig = options_schema("AllocationConfig", ALLOCATIONS, "uniform")
+# group -> the registered methods (policies) whose options make up that node of the schema, and the node
+OPTION_GROUPS: dict[str, dict[str, Any]] = {"method": METHODS, "allocation": ALLOCATIONS}
+OPTION_NODES: dict[str, type] = {"method": MethodConfig, "allocation": AllocationConfig}
 
 
 @dataclass
@@ -70,6 +88,10 @@ class CalibConfig:
     batch_size: int = 8
     cache: bool = True                  # reuse statistics of the same weights/tokens from $SVDEXP_CACHE/stats
     cache_svd: bool = True              # reuse SVDs of identical (scaled) matrices from $SVDEXP_CACHE/svd
+    bos: str = "auto"                   # auto | true | false: each sample is BOS + seq_len-1 text tokens (auto: as
+                                        # the tokenizer does, i.e. when tokenising a text puts its BOS token first)
+    activations: str = "auto"           # auto | memory | disk: where layer inputs/outputs live during calibration
+                                        # (auto: memory when the estimate fits the available memory, else disk)
 
 
 @dataclass
@@ -78,6 +100,7 @@ class PerplexityConfig:
     seq_len: int = 512
     max_chunks: Optional[int] = 64      # null = every chunk
     batch_size: int = 8
+    bos: str = "auto"                   # auto | true | false: each chunk is BOS + seq_len-1 text tokens (as calib.bos)
 
 
 @dataclass
@@ -116,6 +139,8 @@ class CacheConfig:
 class SweepConfig:
     name: Optional[str] = None          # set by svdexp-sweep: the sweep file's name (W&B group, report)
     paper_table: Optional[str] = None   # published table the report puts beside this sweep's numbers
+    reuse: str = "any"                  # any | same_code: a finished job of the same config is reused (any), or
+                                        # re-run when another svdexp commit or library versions produced it
 
 
 @dataclass
@@ -198,6 +223,7 @@ def check_override_keys(argv: list[str]) -> None:
         error = unknown_key_error(match.group(2))
         if error is not None:
             raise error
+    check_override_options(argv)
 
 
 def _unknown_in(cfg, node: Any = Config, prefix: str = "") -> list[str]:
@@ -224,6 +250,25 @@ def _choice(key: str, value: Any, allowed) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}.")
 
 
+def _bos(key: str, value: Any) -> None:
+    """auto | true | false (a YAML or command-line boolean arrives as 'True' / 'False'); whether the tokenizer
+    has a BOS token for ``true`` is checked once it is loaded (:func:`svdexp.data.sampling.bos_token`)."""
+    from svdexp.data.sampling import BOS_CHOICES, bos_choice
+
+    _choice(key, bos_choice(value) or value, BOS_CHOICES)
+
+
+def _causal_family(family: Any) -> None:
+    """A transformers ``model_type`` with a causal-LM class (tiny_random builds one from its config class)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if family not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        close = difflib.get_close_matches(str(family), list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=3)
+        raise ConfigError(f"model.family={family!r} is not a causal-LM family of the installed transformers"
+                          f"{'; did you mean ' + ' or '.join(close) + '?' if close else ''} (it knows "
+                          f"{len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}, e.g. llama, qwen3, gemma2, phi3, gpt2, mixtral).")
+
+
 def _positive_int(key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}={value!r} must be a positive integer.")
@@ -232,15 +277,6 @@ def _positive_int(key: str, value: Any) -> None:
 def _int_at_least(key: str, value: Any, low: int, what: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{key}={value!r} is not allowed; choose an integer >= {low}{what}.")
-
-
-def _in_range(key: str, value: Any, low: float, high: float, closed: str, what: str) -> None:
-    """``value`` in the interval ``low..high``; ``closed`` names the closed ends: ``"[)"``, ``"(]"``, ..."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        (value >= low if closed[0] == "[" else value > low) and (value <= high if closed[1] == "]" else value < high)
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose a number in {closed[0]}{low:g}, {high:g}"
-                          f"{closed[1]} ({what}).")
 
 
 def _name(key: str, value: Any, optional: bool = False) -> None:
@@ -281,7 +317,6 @@ MODEL_KEYS = {"gguf_package": {"package", "gguf_file"}, "pretrained": {"path", "
 
 
 def _validate_model(m) -> None:
-    from svdexp.models.adapters import ADAPTERS
     from svdexp.models.loading import SOURCES, check_local_model, packaged_file
 
     _choice("model.source", m.source, SOURCES)
@@ -308,45 +343,165 @@ def _validate_model(m) -> None:
                               "local folder with *.safetensors (model.path=/path/to/model).")
         check_local_model(m.path)
     if m.source == "tiny_random":
-        _choice("model.family", m.family, sorted(ADAPTERS))
+        _causal_family(m.family)
 
 
-def _validate_method(cfg) -> None:
-    from svdexp.methods import METHODS
+# ---- method and allocation options: walk the dataclasses ---------------------------------------------------
 
-    m = cfg.method
-    _choice("method.name", m.name, sorted(METHODS))
-    _choice("method.propagate", m.propagate, ["original", "compressed"])
-    _in_range("method.damping", m.damping, 0.0, 1.0, "()", "relative Cholesky damping, x mean diag H")
-    _choice("method.update", m["update"], ["none", "closed_form"])
-    if not isinstance(m.alpha, (int, float)) or not m.alpha >= 0:
-        raise ConfigError(f"method.alpha={m.alpha!r} is not allowed; choose a number >= 0 "
-                          "(asvd's exponent of the activation scaling; the paper uses 0.5).")
-    _choice("method.fisher", m["fisher"], ["rows", "columns"])
-    _int_at_least("method.iters", m.iters, 0, " (adasvd's adaComp rounds)")
-    _int_at_least("method.groups", m.groups, 0, " (adasvd's stack-of-batch groups; 0 = none)")
-    if m.groups > cfg.calib.num_samples:
-        raise ConfigError(f"method.groups={m.groups} exceeds calib.num_samples={cfg.calib.num_samples}: each "
-                          "stack-of-batch group needs at least one calibration sample.")
-    _in_range("method.beta", m.beta, 0.0, 1.0, "[)", "ressvd's share of the rank for the residual; paper 0.05")
-    _choice("method.space", m["space"], ["plain", "whitened"])
-    _choice("method.solver", m["solver"], ["auto", "svd"])
+def option_names(options: type[Options]) -> list[str]:
+    return [f.name for f in dataclasses.fields(options)]
 
 
-def _validate_allocation(a) -> None:
-    from svdexp.allocation import ALLOCATIONS
+def _allowed(hint: Any, f: dataclasses.Field) -> tuple[type | None, bool, str]:
+    """``(kind, optional, what is allowed in words)`` of an option (its annotation, :func:`svdexp.methods.option`
+    metadata): the type of its values (``None``: any), whether null is allowed, e.g. ``'auto' or an integer >= 1``."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    kind = f.metadata.get("kind") or (None if hint is Any else hint)
+    choices, low, high, closed = (f.metadata.get(k) for k in ("choices", "low", "high", "closed"))
+    number = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        span = f"{number} in {closed[0]}{low:g}, {high:g}{closed[1]}"
+    elif low is not None:
+        span = f"{number} {'>=' if closed[0] == '[' else '>'} {low:g}"
+    elif high is not None:
+        span = f"{number} {'<=' if closed[1] == ']' else '<'} {high:g}"
+    else:
+        span = ""
+    if choices and span:
+        words = " or ".join([*map(repr, choices), span])
+    elif choices:
+        words = "one of: " + ", ".join(map(str, choices))
+    else:
+        words = span or f"a value of type {getattr(kind, '__name__', kind)}"
+    return kind, optional, words + (" (or null)" if optional else "")
 
-    _choice("allocation.name", a.name, sorted(ALLOCATIONS))
-    if a.min_keep is not None:
-        _in_range("allocation.min_keep", a.min_keep, 0.0, 1.0, "(]", "adacr's minimum kept fraction per layer")
-    if a.num_layers != "auto":
-        if isinstance(a.num_layers, bool) or not isinstance(a.num_layers, int) or a.num_layers < 1:
-            raise ConfigError(f"allocation.num_layers={a.num_layers!r} is not allowed; choose 'auto' or an "
-                              "integer >= 1 (last_layers' K, the number of compressed last layers).")
-    _choice("allocation.score", a["score"], ["first_order", "truncation_loss"])
-    if isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or not a.alpha > 0:
-        raise ConfigError(f"allocation.alpha={a.alpha!r} is not allowed; choose a number > 0 (erank's exponent "
-                          "of the layer importance; 1 = proportional).")
+
+def _option_ok(value: Any, kind: type | None, optional: bool, f: dataclasses.Field) -> bool:
+    choices, low, high, closed = (f.metadata.get(k) for k in ("choices", "low", "high", "closed"))
+    if value is None:
+        return optional
+    if choices and isinstance(value, str) and value in choices:
+        return True
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if low is not None or high is not None:
+        return is_number and (kind is not int or isinstance(value, int)) \
+            and (low is None or (value >= low if closed[0] == "[" else value > low)) \
+            and (high is None or (value <= high if closed[1] == "]" else value < high))
+    if choices:
+        return False
+    if kind is float:
+        return is_number
+    return kind is None or isinstance(value, kind) and (kind is not int or not isinstance(value, bool))
+
+
+def check_option(key: str, value: Any, hint: Any, f: dataclasses.Field) -> None:
+    """One option's value against its declaration: type, choices, range."""
+    kind, optional, words = _allowed(hint, f)
+    if not _option_ok(value, kind, optional, f):
+        raise ConfigError(f"{key}={value!r} is not allowed; choose {words} ({f.metadata.get('help', key)}).")
+
+
+def foreign_option_error(group: str, name: str, key: str, value: Any) -> ConfigError:
+    """The error for ``<group>.<key>`` set with a member (method or policy) ``name`` that has no option ``key``."""
+    registry = OPTION_GROUPS[group]
+    own = option_names(registry[name].options)
+    owners = [member for member, entry in registry.items() if key in option_names(entry.options)]
+    mine = f"its options: {', '.join(own)}" if own else "it takes no options"
+    shown = "" if value is MISSING else f"={value!r}"
+    return ConfigError(
+        f"{name} has no option {key} ({group}.{key}{shown} would be ignored); {mine}. {key} is an option of "
+        f"{', '.join(owners)} only; a sweep over several {'policies' if group == 'allocation' else 'methods'} sets it in a grid of those that "
+        f"have it (one grid per {group} in a sweep file, as sweeps/frontier.yaml does for method.groups).")
+
+
+def _validate_options(cfg, group: str) -> None:
+    """The ``method`` or ``allocation`` node: a registered ``name``; every option's value as its dataclass declares
+    it (type, choices, range); an option the chosen member does not have left at its default (the node holds every
+    member's options, :func:`options_schema`); then the member's checks across groups (:meth:`Options.check`)."""
+    node, registry = cfg[group], OPTION_GROUPS[group]
+    _choice(f"{group}.name", node.name, sorted(registry))
+    schema = OPTION_NODES[group]
+    hints = typing.get_type_hints(schema)
+    union = [f for f in dataclasses.fields(schema) if f.name != "name"]
+    for f in union:
+        check_option(f"{group}.{f.name}", node[f.name], hints[f.name], f)
+    options = registry[node.name].options
+    own = set(option_names(options))
+    for f in union:
+        if f.name not in own and node[f.name] != f.default:
+            raise foreign_option_error(group, node.name, f.name, node[f.name])
+    options.of({key: node[key] for key in own}).check(cfg)
+
+
+def _chosen_members(group: str, overrides: list) -> list[str] | None:
+    """The names of the ``group`` members (methods, policies) a command line chooses: every one of a multirun
+    list (``method=svd_llm,adasvd``), else the config's default; ``None`` when that cannot be told without
+    composing (a glob, an unreadable config)."""
+    from hydra.core.override_parser.types import Glob
+
+    from svdexp.app import CONFIG_DIR   # the app knows where conf/ is; it calls this before Hydra composes
+
+    def values(override) -> list[str]:
+        if not override.is_sweep_override():
+            return [str(override.value())]
+        if isinstance(override.value(), Glob):
+            folder = Path(CONFIG_DIR) / group
+            return override.value().filter(sorted(path.stem for path in folder.glob("*.yaml")))
+        return list(override.sweep_string_iterator())
+
+    def name_of(choice: str) -> str:   # conf/method/svd_llm_closed_form.yaml is method svd_llm
+        path = Path(CONFIG_DIR) / group / f"{choice}.yaml"
+        node = OmegaConf.load(path) if path.is_file() else None
+        return str(node.get("name", choice)) if isinstance(node, DictConfig) else choice
+
+    chosen = None
+    try:
+        for override in overrides:
+            if override.is_delete():
+                continue
+            if override.key_or_group == group:
+                chosen = [name_of(choice) for choice in values(override)]
+            elif override.key_or_group == f"{group}.name":
+                chosen = values(override)
+        if chosen is None:
+            defaults = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").get("defaults", [])
+            chosen = [name_of(str(entry[group])) for entry in defaults
+                      if isinstance(entry, DictConfig) and group in entry][:1] or None
+    except Exception:   # noqa: BLE001 -- whatever Hydra will say about it when it composes
+        return None
+    return chosen
+
+
+def check_override_options(argv: list[str]) -> None:
+    """Refuse ``method.<key>=...`` (``allocation.<key>=...``) on the command line when a method (policy) it chooses
+    has no option ``key``, before Hydra composes: for every method of a multirun list, so that a sweep stops before
+    its first job, and even for a value equal to the default (which :func:`validate` cannot tell from unset)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in argv:
+        if arg.startswith("-"):
+            continue
+        try:
+            overrides.append(parser.parse_override(arg))
+        except Exception:   # noqa: BLE001 -- Hydra reports its own syntax errors
+            continue
+    for group, registry in OPTION_GROUPS.items():
+        options = set(option_names(OPTION_NODES[group])) - {"name"}
+        keys = [o for o in overrides if not o.is_delete() and o.key_or_group.startswith(group + ".")
+                and o.key_or_group.split(".", 1)[1] in options]
+        chosen = _chosen_members(group, overrides) if keys else None
+        for name in chosen or []:
+            if name not in registry:
+                continue   # validate() says which names there are
+            for override in keys:
+                key = override.key_or_group.split(".", 1)[1]
+                if key not in option_names(registry[name].options):
+                    value = override.value() if not override.is_sweep_override() else MISSING
+                    raise foreign_option_error(group, name, key, value)
 
 
 def _validate_eval(e) -> None:
@@ -360,6 +515,7 @@ def _validate_eval(e) -> None:
     _positive_int("eval.ppl.batch_size", e.ppl.batch_size)
     if e.ppl.max_chunks is not None:
         _positive_int("eval.ppl.max_chunks", e.ppl.max_chunks)
+    _bos("eval.ppl.bos", e.ppl.bos)
     zs = e.zeroshot
     try:
         validate_tasks(resolve_tasks(list(zs.tasks)))
@@ -406,11 +562,13 @@ def validate(cfg, output_dir: str | Path | None = None) -> None:
         if not isinstance(tag, str) or not 1 <= len(tag) <= 64:
             raise ConfigError(f"tags[]={tag!r} is not allowed; tags are non-empty strings of at most 64 characters.")
     _validate_model(cfg.model)
-    _validate_method(cfg)
-    _validate_allocation(cfg.allocation)
+    _validate_options(cfg, "method")
+    _validate_options(cfg, "allocation")
     _choice("calib.dataset", cfg.calib.dataset, sorted(DATASETS))
     for key in ("num_samples", "seq_len", "batch_size"):
         _positive_int(f"calib.{key}", cfg.calib[key])
+    _bos("calib.bos", cfg.calib.bos)
+    _choice("calib.activations", cfg.calib.activations, ["auto", "memory", "disk"])
     _validate_eval(cfg.eval)
     _choice("logger.name", cfg.logger.name, ["wandb", "none"])
     _choice("logger.mode", cfg.logger.mode, ["offline", "online", "disabled"])
@@ -420,6 +578,11 @@ def validate(cfg, output_dir: str | Path | None = None) -> None:
     _name("sweep.name", cfg.sweep.name, optional=True)
     if cfg.sweep.paper_table is not None:
         _choice("sweep.paper_table", cfg.sweep.paper_table, sorted(PUBLISHED))
+    if cfg.sweep.reuse not in ("any", "same_code"):
+        raise ConfigError(f"sweep.reuse={cfg.sweep.reuse!r} is not allowed; choose one of: any, same_code. With "
+                          "any (the default) a finished job whose resolved config is the same is reused whatever "
+                          "code produced it; with same_code it is run again when its results.json records another "
+                          "svdexp commit (or working tree) or other library versions than the running code's.")
     if cfg.cache.max_gb is not None and not (isinstance(cfg.cache.max_gb, (int, float)) and cfg.cache.max_gb > 0):
         raise ConfigError(f"cache.max_gb={cfg.cache.max_gb!r} is not allowed; choose a number of gigabytes > 0 "
                           "(or null: $SVDEXP_CACHE_MAX_GB, else 20).")

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from svdexp.methods import Method
-from svdexp.models.adapters import Adapter
+from svdexp.models.decoder import Decoder
 
 
 @dataclass(frozen=True)
 class RunContext:
     """The dense model of a run and how it is calibrated and compressed."""
     model: nn.Module
-    adapter: Adapter
+    decoder: Decoder                        # the decoder layers and their input sites (discovered)
     method: Method
     options: dict[str, Any]                 # the method's config (``cfg.method``, resolved)
     calib_ids: torch.Tensor | None          # calibration token ids (samples x seq_len); None when not compressing
@@ -36,6 +36,7 @@ class RunContext:
     svd_cache: bool = False                 # share decompositions across ratios (calib.cache_svd)
     tokenizer: Any = None
     eval_sets: dict[str, torch.Tensor] = field(default_factory=dict)   # dataset -> perplexity chunks
+    activations: str = "memory"             # where calibration activations live: memory | disk (memory.plan)
 
     @property
     def propagate(self) -> str:
@@ -49,4 +50,4 @@ class RunContext:
 
     @property
     def num_layers(self) -> int:
-        return len(self.adapter.layers(self.model))
+        return self.decoder.num_layers

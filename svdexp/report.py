@@ -9,7 +9,7 @@ import logging
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from svdexp import tables
+from svdexp import provenance, tables
 from svdexp.errors import ConfigError
 from svdexp.labels import disambiguate, make_label, option_extras, row_order
 from svdexp.published import DATASET_LABELS, PUBLISHED, PublishedTable
@@ -59,7 +59,8 @@ def _job(path: Path, data: dict) -> dict[str, Any]:
             "mean_acc": _num(zeroshot.get("mean_acc")) if isinstance(zeroshot, dict) else None,
             **{k: _num(comp.get(k)) for k in ("achieved_ratio_targeted", "achieved_ratio_model", "seconds",
                                                "weight_bytes")},
-            "path": path, "mtime": path.stat().st_mtime, "config": config, "note": ""}
+            "path": path, "mtime": path.stat().st_mtime, "config": config, "note": "",
+            "environment": data["environment"] if isinstance(data.get("environment"), dict) else None}
 
 
 def scan(sweep_dir: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
@@ -152,6 +153,15 @@ class Section:
                f"the same model, but this sweep evaluated {evaluated}")
         return f"Published ({table.heading()}) — {why}; compare orderings, not values", wide
 
+    def environment_warning(self) -> str | None:
+        """One line when the table's jobs ran with a different svdexp commit, torch / transformers / lm-eval,
+        device type, dtype or threads (anything that can change a number), naming the fields and the jobs."""
+        environments = {}
+        for job in self.jobs.to_dict("records"):
+            environments.setdefault(_job_name(job["results"]), job["environment"])
+        diffs = provenance.differences(environments)
+        return provenance.warning_line(diffs) if diffs else None
+
     def notes(self) -> list[str]:
         """Achieved ratios per group (never leave the reader guessing which ratio a number is), protocol, matches."""
         achieved = [f"{pct(r)} → {span(group['achieved_ratio_targeted'])} / {span(group['achieved_ratio_model'])}"
@@ -179,6 +189,7 @@ class Report:
     num_jobs: int
     incomplete: list[tuple[Path, str]]
     notes: list[str]                 # the sweep's: disagreements, incomplete jobs, duplicates, non-finite values
+    environment: list[str] = field(default_factory=list)   # what all jobs share (none recorded: empty)
 
     def records(self) -> list[dict[str, Any]]:
         """The CSV and W&B rows: our tidy frame, then each published table shown (None where there is no value)."""
@@ -204,12 +215,14 @@ class Report:
                 lines += [f"Each cell is **ours / paper** ({s.published.title}, {s.published.heading()}); "
                           "\"(paper only)\" rows have no counterpart among our runs.", ""]
             lines.append(tables.markdown(s.table(), "Method"))
+            lines += ["", f"**Warning:** {warning}"] if (warning := s.environment_warning()) else []
             lines += ["", *(f"- {n}" for n in notes)] if (notes := s.notes()) else []
             if s.mode == "below":
                 heading, table = s.published_table()
                 lines += ["", f"### {heading}", "", tables.markdown(table, "Method (paper)"), "",
                           *(f"- {n}" for n in s.published.remarks())]
             lines.append("")
+        lines += ["## Environment", "", *(f"- {n}" for n in self.environment), ""] if self.environment else []
         lines += ["## Notes", "", *(f"- {n}" for n in self.notes or ["None."])]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -217,10 +230,13 @@ class Report:
         """The tables as LaTeX (needs ``booktabs``)."""
         out = [f"% svdexp-report: sweep {self.sweep_name} ({self.num_jobs} jobs, {len(self.incomplete)} "
                "incomplete). Needs \\usepackage{booktabs}."]
+        out += [f"% Environment: {line}" for line in self.environment]
         for s in self.sections:
             cells = f" Cells: ours / paper ({s.published.title})." if s.mode == "side" else ""
+            warning = f" Warning: {w.replace('`', '')}" if (w := s.environment_warning()) else ""
             out.append(tables.latex(s.table(), "Method", f"{s.model}: token perplexity (lower is better) and mean "
-                                    f"zero-shot accuracy by target ratio (fraction of parameters removed).{cells}"))
+                                    f"zero-shot accuracy by target ratio (fraction of parameters removed).{cells}"
+                                    f"{warning}"))
             if s.mode == "below":
                 heading, table = s.published_table()
                 out.append(tables.latex(table.drop(columns="Ours", level=0), "Method (paper)",
@@ -252,6 +268,34 @@ class Report:
                            sorted({r * 100 for r, _ in s.columns() if r > 0})))
         plot_ppl_vs_ratio(panels, f"sweep {self.sweep_name}: perplexity vs target ratio", paths[3])
         return paths
+
+
+def _job_name(results: str) -> str:
+    """A job as the report names it: its folder under the sweep directory."""
+    return Path(results).parent.as_posix()
+
+
+def environment_lines(jobs: pd.DataFrame, sweep_dir: Path) -> list[str]:
+    """The report's environment section: what all jobs recording an environment share, what differs, when they
+    ran, and which jobs record none; empty when no job records one (results written before svdexp did)."""
+    recorded = [e for e in jobs["environment"] if e]
+    if not recorded:
+        return []
+    same, differ = provenance.shared(recorded)
+    lines = [f"Shared by all {len(recorded)} job(s) recording an environment: "
+             + "; ".join(f"{label} `{value}`" for label, value in same) + "."]
+    if differ:
+        lines.append(f"Differs between jobs: {', '.join(differ)} (a table whose jobs differ in what can change a "
+                     "number carries a warning).")
+    first, last, total = provenance.time_span(recorded)
+    if first:
+        lines.append(f"Ran from {first} to {last or '?'}; {total:.1f} s of job wall time in all.")
+    missing = sorted(_job_name(str(p.relative_to(sweep_dir))) for p, e in zip(jobs["path"], jobs["environment"])
+                     if not e)
+    if missing:
+        lines.append(f"{len(missing)} job(s) record no environment (written before svdexp recorded one): "
+                     f"{', '.join(f'`{m}`' for m in missing)}.")
+    return lines
 
 
 def _protocol(config: dict) -> str:
@@ -314,7 +358,8 @@ def build_report(sweep_dir: str | Path) -> Report:
         sections.append(Section(model, cells[cells["model"] == model], datasets,
                                 own["mean_acc"].map(lambda v: v is not None).any(), published,
                                 "side" if side else "below" if published else None, _protocol(newest) if side else ""))
-    return Report(sweep_dir, sweep_name, paper_table, cells, sections, len(jobs), incomplete, notes)
+    return Report(sweep_dir, sweep_name, paper_table, cells, sections, len(jobs), incomplete, notes,
+                  environment_lines(jobs, sweep_dir))
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

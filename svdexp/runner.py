@@ -2,7 +2,7 @@
 
 :func:`run` is that sequence; the functions after it are its steps, in the same order. The steps share one
 :class:`~svdexp.context.RunContext` (the model, the method, the calibration tokens, where the caches are), built
-once by :func:`_load`; the statistics come from one :class:`~svdexp.statistics.RunStatistics`, which consults the
+once by :func:`load_context`; the statistics come from one :class:`~svdexp.statistics.RunStatistics`, which consults the
 cache itself.
 """
 
@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
+from svdexp import memory, provenance
 from svdexp.allocation import (Allocation, allocate, check_adacr, check_last_layers, default_min_keep,
                                policy_needs)
 from svdexp.allocation.spectra import whitened_spectra
@@ -40,7 +41,7 @@ from svdexp.faults import crash_point
 from svdexp.lowrank import count_parameters, weight_bytes
 from svdexp.methods import METHODS
 from svdexp.methods.linalg import svd_provider
-from svdexp.models import adapter_for, load_model
+from svdexp.models import discover, load_model
 from svdexp.models.loading import cache_dir
 from svdexp.plots import plot_layer_ratios
 from svdexp.statistics import RunStatistics, StatsPlan
@@ -78,6 +79,7 @@ def job_threads(threads: int | None) -> int:
 
 def run(cfg, output_dir: str | Path) -> dict:
     """Run the experiment ``cfg`` and write ``results.json`` into ``output_dir``; returns the results."""
+    started = provenance.utc_now()
     validate(cfg, output_dir)
     install_budget(cfg.cache.max_gb)   # $SVDEXP_CACHE's size budget; this run's entries are never evicted under it
     output_dir = Path(output_dir)
@@ -89,19 +91,37 @@ def run(cfg, output_dir: str | Path) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
 
-    ctx = _load(cfg)                                               # load: model, tokens, fingerprint
-    logger = make_logger(cfg, resolved, output_dir)
+    estimate = _preflight(cfg)                                     # memory: a run that cannot fit stops here
+    t0 = time.perf_counter()
+    ctx = load_context(cfg, estimate.activations)                                        # load: model, tokens, fingerprint
+    environment = provenance.environment(cfg, ctx.model, ctx.fingerprint, started)   # code, machine, model source
+    t1 = time.perf_counter()
+    logger = make_logger(cfg, {**resolved, "environment": environment}, output_dir)
+    t2 = time.perf_counter()
+    environment["seconds"].update(load=t1 - t0, tracking=t2 - t1)
     with _failure_recorded(output_dir, resolved, logger):
         results = _experiment(cfg, ctx, resolved)                  # calibrate, allocate, compress, evaluate
+    environment["seconds"].update(provenance.experiment_stages(results["compression"], time.perf_counter() - t2))
     results["threads"] = threads
+    results["memory"] = {"estimate": estimate.record(), **memory.peaks(ctx.device)}
+    results["environment"] = environment
     return _record(cfg, ctx, output_dir, results, logger)          # checkpoint, plot, results.json, W&B
 
 
 def _finished(output_dir: Path, resolved: dict) -> dict | None:
-    """The results already in ``output_dir`` when they are a finished run of this config (not run again)."""
+    """The results already in ``output_dir`` when they are a finished run of this config (not run again); with
+    ``sweep.reuse=same_code``, only when its svdexp commit and library versions are those of the running code."""
     previous = read_results(output_dir / "results.json")
+    identity = lambda config: result_identity({**config, "sweep": {k: v for k, v in (config.get("sweep") or {}).items()
+                                                                   if k != "reuse"}})   # noqa: E731 (how to reuse)
     if (previous and previous.get("status") == "done" and "save_error" not in previous.get("compression", {})
-            and result_identity(previous.get("config") or {}) == result_identity(resolved)):
+            and identity(previous.get("config") or {}) == identity(resolved)):
+        if (resolved.get("sweep") or {}).get("reuse") == "same_code":
+            changed = provenance.code_changes(previous.get("environment"), provenance.code_environment())
+            if changed:
+                print(f"[svdexp] {output_dir} is done for this config by other code ({'; '.join(changed)}); "
+                      "re-running (sweep.reuse=same_code)")
+                return None
         print(f"[svdexp] {output_dir} is already done for this config; skipping (delete results.json to re-run)")
         return previous
     return None
@@ -110,48 +130,79 @@ def _finished(output_dir: Path, resolved: dict) -> dict | None:
 # -- load -------------------------------------------------------------------------------------------------
 
 
-def _load(cfg) -> RunContext:
+def _preflight(cfg) -> memory.Estimate:
+    """The run's memory estimate, from the model's config before any weight is loaded (:mod:`svdexp.memory`): where
+    the calibration activations live, or a :class:`ConfigError` when the run fits nowhere. Printed as the header."""
+    memory.clean_scratch()             # activation files of killed runs
+    needs: frozenset[str] = frozenset()
+    if _compressing(cfg):
+        plan = StatsPlan.for_run(METHODS[cfg.method.name], cfg.method.propagate, cfg.allocation.name,
+                                 OmegaConf.to_container(cfg.method, resolve=True),
+                                 OmegaConf.to_container(cfg.allocation, resolve=True))
+        needs = plan.original | plan.prefix | plan.allocation | ({"fisher"} if plan.fisher else frozenset())
+    estimate = memory.plan(cfg, needs)
+    device = f", device {estimate.device / memory.GB:.2f} GB" if estimate.device else ""
+    print(f"[svdexp] {cfg.model.name} {cfg.method.name} {cfg.allocation.name} ratio {cfg.ratio:g}: memory estimate "
+          f"host {estimate.host / memory.GB:.2f} GB{device}; calibration activations "
+          f"{'in memory' if estimate.activations == 'memory' else 'on disk'}", flush=True)
+    return estimate
+
+
+def load_context(cfg, activations: str = "memory") -> RunContext:
     """The model (checked against the config before any heavy work), its evaluation and calibration tokens
     and its weights' fingerprint: the run's context."""
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.seed)
-    _check_model(cfg, model)
-    eval_sets, calib_ids = _tokens(cfg, tokenizer)
-    return _context(cfg, model, tokenizer, eval_sets, calib_ids)
+    decoder = discover(model)        # the decoder layers and input sites; a model without any says why here
+    _check_model(cfg, model, decoder)
+    eval_sets, calib_ids = tokens(cfg, tokenizer)
+    return replace(build_context(cfg, model, tokenizer, eval_sets, calib_ids, decoder), activations=activations)
 
 
 def _compressing(cfg) -> bool:
     return METHODS[cfg.method.name].fn is not None and cfg.ratio > 0
 
 
-def _check_model(cfg, model) -> None:
+def _check_model(cfg, model, decoder) -> None:
     """Sequence lengths beyond the model's context, and infeasible allocations, fail before any heavy work."""
     check_context(cfg, getattr(model.config, "max_position_embeddings", None))
     if cfg.allocation.name == "adacr":
         mrr = cfg.allocation.min_keep
         check_adacr(cfg.ratio, default_min_keep(cfg.ratio) if mrr is None else mrr)
     if cfg.allocation.name == "last_layers" and cfg.allocation.num_layers != "auto":
-        num_layers = len(adapter_for(model.config.model_type).layers(model))
-        check_last_layers(cfg.ratio, cfg.allocation.num_layers, num_layers)
+        check_last_layers(cfg.ratio, cfg.allocation.num_layers, decoder.num_layers)
 
 
-def _tokens(cfg, tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The perplexity chunks of every evaluation set, and the calibration samples (None when not compressing)."""
-    eval_sets = {name: eval_chunks(tokenize_text(tokenizer, load_text(name, "test")), cfg.eval.ppl.seq_len,
-                                   cfg.eval.ppl.max_chunks) for name in cfg.eval.ppl.datasets}
+def tokens(cfg, tokenizer, bos_only: bool = False
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | dict[str, bool]:
+    """The perplexity chunks of every evaluation set, and the calibration samples (None when not compressing),
+    each starting with the BOS token where ``eval.ppl.bos`` / ``calib.bos`` say so (``true`` without a BOS token
+    in the tokenizer: :class:`ConfigError`). ``bos_only``: only whether they do, ``{"calib": .., "ppl": ..}``."""
+    from svdexp.data.sampling import bos_token, strip_bos
+
+    ppl_bos = bos_token(tokenizer, "eval.ppl.bos", cfg.eval.ppl.bos)
+    calib_bos = bos_token(tokenizer, "calib.bos", cfg.calib.bos) if _compressing(cfg) else None
+    if bos_only:
+        return {"calib": calib_bos is not None, "ppl": ppl_bos is not None}
+
+    def text(dataset: str, split: str, bos: int | None) -> torch.Tensor:
+        return strip_bos(tokenizer, tokenize_text(tokenizer, load_text(dataset, split)), bos)
+
+    eval_sets = {name: eval_chunks(text(name, "test", ppl_bos), cfg.eval.ppl.seq_len, cfg.eval.ppl.max_chunks,
+                                   ppl_bos) for name in cfg.eval.ppl.datasets}
     calib_ids = None
     if _compressing(cfg):
-        calib_ids = calibration_batch(tokenize_text(tokenizer, load_text(cfg.calib.dataset, "train")),
-                                      cfg.calib.num_samples, cfg.calib.seq_len, cfg.seed)
+        calib_ids = calibration_batch(text(cfg.calib.dataset, "train", calib_bos), cfg.calib.num_samples,
+                                      cfg.calib.seq_len, cfg.seed, calib_bos)
     return eval_sets, calib_ids
 
 
-def _context(cfg, model, tokenizer, eval_sets: dict[str, torch.Tensor], calib_ids: torch.Tensor | None
-             ) -> RunContext:
+def build_context(cfg, model, tokenizer, eval_sets: dict[str, torch.Tensor], calib_ids: torch.Tensor | None,
+                  decoder) -> RunContext:
     """The run's context; hashes the weights (the key of every cache entry of this model)."""
     fingerprint = model_fingerprint(model)
     note_model(fingerprint, cfg.model.name)   # $SVDEXP_CACHE/models.json, for svdexp-cache --model NAME
     return RunContext(
-        model=model, adapter=adapter_for(model.config.model_type), method=METHODS[cfg.method.name],
+        model=model, decoder=decoder, method=METHODS[cfg.method.name],
         options=OmegaConf.to_container(cfg.method, resolve=True), calib_ids=calib_ids,
         batch_size=cfg.calib.batch_size, device=torch.device(cfg.device), seed=cfg.seed, dtype=cfg.dtype,
         fingerprint=fingerprint, stats_cache=cache_dir() if cfg.calib.cache else None,
@@ -166,7 +217,7 @@ def _context(cfg, model, tokenizer, eval_sets: dict[str, torch.Tensor], calib_id
 
 def _experiment(cfg, ctx: RunContext, resolved: dict) -> dict:
     """Calibrate, allocate, compress, evaluate: the run's results (those of ``results.json`` but ``threads``)."""
-    shapes = target_shapes(ctx.model, ctx.adapter)
+    shapes = target_shapes(ctx.model, ctx.decoder)
     dense = _model_record(cfg, ctx, shapes)                        # counted before compression
     metrics = _dense_metrics(cfg, ctx) if cfg.eval.dense_baseline else {}
     if _compressing(cfg):
@@ -175,7 +226,8 @@ def _experiment(cfg, ctx: RunContext, resolved: dict) -> dict:
         alloc, record = _uncompressed(shapes)
     metrics.update(_evaluate(cfg, ctx))                           # evaluate
     compression = _compression_record(cfg, ctx, shapes, alloc, record, dense)
-    return {"status": "done", "config": resolved, "model": dense, "compression": compression, "metrics": metrics}
+    return {"status": "done", "config": resolved, "bos": tokens(cfg, ctx.tokenizer, bos_only=True), "model": dense,
+            "compression": compression, "metrics": metrics}
 
 
 def _model_record(cfg, ctx: RunContext, shapes: list[dict]) -> dict:
@@ -209,7 +261,7 @@ def _compress(cfg, ctx: RunContext, shapes: list[dict]) -> tuple[Allocation, dic
         t1 = time.perf_counter()
         svds = SVDCache(ctx.fingerprint, ctx.device.type) if ctx.svd_cache else None
         with _provider(cfg, ctx, alloc_cfg, svds) as provider, svd_provider(provider):
-            alloc = _allocate(cfg, ctx, stats, shapes)             # allocate
+            alloc = allocate_ranks(cfg, ctx, stats, shapes)        # allocate
             result = compress_model(ctx, stats, alloc.ranks)       # compress
     record = {"damped_sites": result.damped_sites, "statistics": stats.record,
               "svd_cache": svds.record() if svds is not None else None, "calibration_seconds": calib_seconds,
@@ -230,7 +282,7 @@ def _provider(cfg, ctx: RunContext, alloc_cfg: dict, svds: SVDCache | None) -> I
         yield SVDCache(ctx.fingerprint, ctx.device.type, root=Path(memo))
 
 
-def _allocate(cfg, ctx: RunContext, stats: RunStatistics, shapes: list[dict]) -> Allocation:
+def allocate_ranks(cfg, ctx: RunContext, stats: RunStatistics, shapes: list[dict]) -> Allocation:
     """The rank of every targeted matrix under ``cfg.allocation`` (ResSVD's ``num_layers: auto`` searched)."""
     alloc_cfg = OmegaConf.to_container(cfg.allocation, resolve=True)
     search = None
@@ -281,7 +333,7 @@ def _uncompressed(shapes: list[dict]) -> tuple[Allocation, dict]:
 def _evaluate(cfg, ctx: RunContext) -> dict:
     """Perplexity (and zero-shot metrics) of the model as the run left it."""
     compressing = _compressing(cfg)
-    ppl = _evaluate_ppl(cfg, ctx, "compressed" if compressing else "dense")
+    ppl = evaluate_ppl(cfg, ctx, "compressed" if compressing else "dense")
     metrics = {"ppl": {name: r["ppl"] for name, r in ppl.items()},
                "nonfinite_chunks": {name: r["nonfinite_chunks"] for name, r in ppl.items()},
                "eval_tokens": {name: r["tokens"] for name, r in ppl.items()}}
@@ -290,7 +342,7 @@ def _evaluate(cfg, ctx: RunContext) -> dict:
     return metrics
 
 
-def _evaluate_ppl(cfg, ctx: RunContext, label: str, sets: dict[str, torch.Tensor] | None = None) -> dict:
+def evaluate_ppl(cfg, ctx: RunContext, label: str, sets: dict[str, torch.Tensor] | None = None) -> dict:
     """Perplexity on every set (``ctx.eval_sets`` unless ``sets``); a non-finite chunk fails the run, naming the
     first module that produced it."""
     model, device = ctx.model, ctx.device
@@ -324,7 +376,7 @@ def _dense_ppl(cfg, ctx: RunContext) -> dict:
             results[name] = cached
         else:
             missing[name] = chunks
-    for name, value in _evaluate_ppl(cfg, ctx, "dense", missing).items():
+    for name, value in evaluate_ppl(cfg, ctx, "dense", missing).items():
         results[name] = value
         key, description = keys[name]
         store_json_entry("dense_ppl", key, value, description)
@@ -375,7 +427,8 @@ def _compression_record(cfg, ctx: RunContext, shapes: list[dict], alloc: Allocat
         "weight_bytes": weight_bytes(ctx.model),
         "layer_keep": alloc.keep,
         "allocation_details": alloc.details,
-        "ranks": alloc.ranks,
+        "ranks": {**alloc.ranks, **{name: None for name in ctx.decoder.dense}},   # MoE experts, routers: dense
+        "untargeted": ctx.decoder.dense,
         **record,
         "seconds": record["calibration_seconds"] + record["decomposition_seconds"],
     }
@@ -389,6 +442,7 @@ def _record(cfg, ctx: RunContext, output_dir: Path, results: dict, logger) -> di
     A checkpoint that cannot be written leaves the metrics recorded and raises :class:`SaveError`."""
     c = results["compression"]
     save_error = None
+    t0 = time.perf_counter()
     if cfg.save:
         try:
             c["saved_to"] = _save(cfg, ctx, output_dir, results)
@@ -397,6 +451,7 @@ def _record(cfg, ctx: RunContext, output_dir: Path, results: dict, logger) -> di
     plot_layer_ratios(c["layer_keep"], cfg.ratio, f"{cfg.model.name} {c['method']} {c['allocation']} "
                       f"target {cfg.ratio:g} (achieved {c['achieved_ratio_targeted']:.3f})",
                       output_dir / "layer_ratios.png")
+    provenance.finish(results["environment"], save_seconds=time.perf_counter() - t0)   # finished, save, total
     write_json_atomic(output_dir / "results.json", results)   # last: its presence means the run is done
     if logger is not None:
         logger.log_results(results)

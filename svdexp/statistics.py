@@ -270,7 +270,8 @@ class RunStatistics:
     def __init__(self, ctx: RunContext, plan: StatsPlan) -> None:
         self.ctx, self.plan = ctx, plan
         base = {"model": ctx.fingerprint, "tokens": tensor_fingerprint(ctx.calib_ids), "propagate": "original",
-                "batch_size": ctx.batch_size, "dtype": ctx.dtype, "device": ctx.device.type}
+                "batch_size": ctx.batch_size, "dtype": ctx.dtype, "device": ctx.device.type,
+                "sites": ctx.decoder.signature}
         self.store = LayerStatsStore(base, ctx.num_layers, ctx.stats_cache,
                                      variants={"H_stack": {"groups": ctx.num_groups, "seed": ctx.seed}})
         self.fisher: dict[str, torch.Tensor] | None = None    # whole model, small: held in memory
@@ -295,10 +296,10 @@ class RunStatistics:
         if layerwise:
             collect_statistics(ctx, layerwise, on_layer=lambda index, stats: self.store.put(index, stats, layerwise))
         if GRADIENT in missing:   # the gradient pass (whole model, one backward per sample), stored per layer
-            for index, layer_grads in enumerate(loss_gradients(ctx.model, ctx.adapter, ctx.calib_ids, ctx.device)):
+            for index, layer_grads in enumerate(loss_gradients(ctx.model, ctx.decoder, ctx.calib_ids, ctx.device)):
                 self.store.put(index, layer_grads, [GRADIENT])
         for stat in missing - layerwise - {GRADIENT}:   # the Fisher pass (whole model, one backward per sample)
-            self.fisher = fisher_information(ctx.model, ctx.adapter, ctx.calib_ids, ctx.options["fisher"], ctx.device)
+            self.fisher = fisher_information(ctx.model, ctx.decoder, ctx.calib_ids, ctx.options["fisher"], ctx.device)
             self.store.put_model_entry(stat, self.fisher)
         self.record = {"cached": sorted(cached), "computed": sorted(missing)}
         return self.record

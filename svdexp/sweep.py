@@ -11,7 +11,8 @@ comma-separated values (Hydra's sweep syntax), so ``none`` needs no ratio column
       - {method: "svd,svd_llm", ratio: "0.2,0.4"}
 
 Jobs land in ``outputs/sweeps/<name>/<override dirname>``; re-running skips jobs already done for the same
-resolved config. Extra command-line overrides (``model=llama_7b``, ``hydra/launcher=slurm``) go to every job.
+resolved config (with ``sweep.reuse=same_code``, only those done by the same svdexp commit and library versions).
+Extra command-line overrides (``model=llama_7b``, ``hydra/launcher=slurm``) go to every job.
 """
 
 from __future__ import annotations

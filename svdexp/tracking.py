@@ -53,7 +53,9 @@ def flatten(data: dict, sep: str = "/", prefix: str = "") -> dict[str, Any]:
 
 
 class WandbLogger:
-    """A W&B run for one svdexp run: resolved config, metrics in the summary, a per-layer rank table."""
+    """A W&B run for one svdexp run: resolved config (and results.json's ``environment`` as the config group
+    ``environment``, so that runs can be filtered by commit, versions or device), metrics in the summary, a
+    per-layer rank table."""
 
     def __init__(self, cfg, config: dict, output_dir: Path) -> None:
         import wandb
@@ -66,6 +68,8 @@ class WandbLogger:
                               job_type="compress", reinit="finish_previous")
 
     def log_results(self, results: dict) -> None:
+        if "environment" in results:   # complete now: finished, seconds per stage
+            self.run.config.update({"environment": _jsonable(results["environment"])}, allow_val_change=True)
         summary = {k: v for k, v in flatten({k: results[k] for k in ("metrics", "compression", "model") if k in results}
                                             ).items() if v is None or isinstance(v, (int, float, str, bool))}
         summary.pop("compression/ranks", None)

@@ -130,8 +130,10 @@ def test_folder_layout_and_config(saved: dict) -> None:
     config = json.loads((path / "config.json").read_text())
     assert config["svdexp_ranks"] == ranks and len(ranks) == 14
     assert config["svdexp_settings"] == SETTINGS
-    assert config["model_type"] == "svdexp_llama" and config["svdexp_base_model_type"] == "llama"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_svdexp.SvdexpLlamaForCausalLM"
+    assert config["model_type"] == "svdexp" and config["svdexp_base_model_type"] == "llama"
+    assert config["svdexp_format_version"] == 2 and config["architectures"] == ["SvdexpForCausalLM"]
+    assert config["auto_map"] == {"AutoConfig": "configuration_svdexp.SvdexpConfig",
+                                  "AutoModelForCausalLM": "modeling_svdexp.SvdexpForCausalLM"}
     assert config["hidden_size"] == 64 and config["tie_word_embeddings"] is True
     stored = load_file(str(path / "model.safetensors"))
     assert "lm_head.weight" not in stored  # tied alias stored once

@@ -38,7 +38,7 @@ def run_bad(tmp_path, *overrides):
     (["eval.zeroshot.dtype=int8"], "eval.zeroshot.dtype='int8' is not allowed; choose one of: bfloat16, float16"),
     (["method.propagate=sideways"], "choose one of: original, compressed"),
     (["calib.seq_len=4096"], "exceeds the model's context of 2048"),
-    (["model.family=gpt2"], "model.family='gpt2' is not allowed; choose one of: llama, mistral, opt, qwen2"),
+    (["model.family=lama"], "model.family='lama' is not a causal-LM family of the installed transformers; did you mean llama"),
     (["allocation=last_layers", "allocation.num_layers=1", "ratio=0.4"], "2 <= K <= 4"),
     (["allocation=adacr", "allocation.min_keep=0.9", "ratio=0.4"], "0 < min_keep <= 1 - ratio"),
     (["method.alhpa=0.3"], "alhpa"),

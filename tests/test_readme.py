@@ -53,3 +53,9 @@ def test_named_paths_exist_and_line_counts_match():
         (path,) = [p for p in (ROOT / "svdexp").rglob(name)]
         actual = lines_of(path)
         assert abs(int(count) - actual) <= 0.1 * actual, f"README says {name} has {count} lines; it has {actual}"
+
+
+def test_the_families_table_is_the_one_generated_from_the_test_list():
+    from families import markdown_table
+
+    assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate it: python tests/families.py"

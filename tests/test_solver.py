@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from svdexp.cache import SVDCache
-from svdexp.calibration import MatrixStats, SiteStats, capture_layer0_inputs, collect_layer
+from svdexp.calibration import MatrixStats, SiteStats, capture_inputs, collect_layer
 from svdexp.statistics import StatsPlan
 from svdexp.methods import METHODS
 from svdexp.methods.linalg import EIG_VECTORS, svd_provider, weight_in_use
-from svdexp.models.adapters import adapter_for
+from svdexp.models.decoder import discover
 
 from conftest import TINY
 
@@ -214,24 +214,24 @@ def _tiny_layer(family: str):
     model = (LlamaForCausalLM(LlamaConfig(**sizes)) if family == "llama"
              else Qwen2ForCausalLM(Qwen2Config(**sizes)))      # qwen2: q/k/v have a bias
     model.eval()
-    adapter = adapter_for(family)
-    inputs = capture_layer0_inputs(model, adapter, torch.randint(0, 64, (3, 16)), 2, torch.device("cpu"))
-    return adapter.layers(model)[0], adapter, inputs
+    decoder = discover(model)
+    inputs = capture_inputs(model, decoder, torch.randint(0, 64, (3, 16)), 2, torch.device("cpu"))
+    return decoder.layers(model)[0], decoder.sites(0), inputs
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_collector_gathers_c_out_of_wide_matrices_and_h_only_where_needed(family):
-    layer, adapter, inputs = _tiny_layer(family)
-    full, _ = collect_layer(layer, adapter, inputs, frozenset({"H"}), "layer")
-    auto, _ = collect_layer(layer, adapter, inputs, frozenset({"C_out", "H_tall"}), "layer")
+    layer, sites, inputs = _tiny_layer(family)
+    full, _ = collect_layer(layer, sites, inputs, frozenset({"H"}), "layer")
+    auto, _ = collect_layer(layer, sites, inputs, frozenset({"C_out", "H_tall"}), "layer")
     # down_proj (32 x 80) is the only matrix of its site and is wide: no H there; k/v (16 x 32) wide, q square
-    assert set(auto.sites) == {"attn_in", "attn_out", "mlp_in", "self_attn.k_proj", "self_attn.v_proj",
-                               "mlp.down_proj"}
-    for site in ("attn_in", "attn_out", "mlp_in"):
+    attn_in, attn_out, mlp_in, mlp_out = "self_attn.q_proj:in", "self_attn.o_proj:in", "mlp.gate_proj:in", \
+        "mlp.down_proj:in"
+    assert set(auto.sites) == {attn_in, attn_out, mlp_in, "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"}
+    for site in (attn_in, attn_out, mlp_in):
         assert set(auto.sites[site].tensors) == {"H_tall"}
         assert torch.equal(auto.sites[site]["H_tall"], full.sites[site]["H"])
-    for path, site in (("self_attn.k_proj", "attn_in"), ("self_attn.v_proj", "attn_in"),
-                       ("mlp.down_proj", "mlp_out")):
+    for path, site in (("self_attn.k_proj", attn_in), ("self_attn.v_proj", attn_in), ("mlp.down_proj", mlp_out)):
         W = layer.get_submodule(path).weight.double()
         expected = W @ full.sites[site]["H"] @ W.T         # C_out = W H W^T: outputs without the bias
         assert _rel(auto.sites[path]["C_out"], expected) < 1e-5, path

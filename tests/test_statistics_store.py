@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from svdexp.app import CONFIG_DIR
 from svdexp.compress import compress_model, target_shapes
 from svdexp.methods import METHODS
-from svdexp.runner import _compress, _load
+from svdexp.runner import _compress, load_context
 from svdexp.statistics import LayerStatsStore, RunStatistics, StatsPlan
 
 from conftest import TINY
@@ -21,7 +21,7 @@ def setup_run(*overrides: str):
     """The config and the run context (model, tokens, fingerprint) the runner builds for ``overrides``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*TINY, *overrides])
-    return cfg, _load(cfg)
+    return cfg, load_context(cfg)
 
 
 @pytest.mark.parametrize("method,solver", [("svd_llm", "svd"), ("svd_llm", "auto"), ("asvd", "svd")])
@@ -32,7 +32,7 @@ def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, mon
         cfg, ctx = setup_run(f"method={method}", f"method.solver={solver}", "ratio=0.4", "allocation=adacr",
                              f"model.tiny.num_hidden_layers={depth}", "calib.cache=false")
         plan = StatsPlan.for_run(METHODS[method], "original", "adacr", ctx.options)
-        shapes = target_shapes(ctx.model, ctx.adapter)
+        shapes = target_shapes(ctx.model, ctx.decoder)
         with RunStatistics(ctx, plan) as stats:
             store = stats.store
             assert store.private
@@ -46,7 +46,7 @@ def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, mon
     assert peaks[4] == peaks[32] and min(peaks[4]) > 0
     if solver == "svd":
         # one layer's statistics, float64 per input site of width n: svd_llm's H (n x n), asvd's abs_mean (n)
-        widths = {"attn_in": 64, "attn_out": 64, "mlp_in": 64, "mlp_out": 160}
+        widths = {"q_proj": 64, "o_proj": 64, "gate_proj": 64, "down_proj": 160}   # one per input site
         one_layer = sum(8 * (n * n if method == "svd_llm" else n) for n in widths.values())
         assert peaks[4] == (one_layer, one_layer)
 
@@ -88,7 +88,7 @@ def test_cache_off_and_on_give_bit_identical_factors(tmp_path, monkeypatch, over
     results = {}
     for name, cache in (("off", "false"), ("cold", "true"), ("warm", "true")):
         cfg, ctx = setup_run(*overrides, "ratio=0.4", f"calib.cache={cache}", "calib.cache_svd=false")
-        _, record = _compress(cfg, ctx, target_shapes(ctx.model, ctx.adapter))
+        _, record = _compress(cfg, ctx, target_shapes(ctx.model, ctx.decoder))
         results[name] = (record["statistics"], ctx.model.state_dict())
         if name == "off":      # its private directory: nothing in the shared cache
             assert not (tmp_path / "cache" / "stats").exists()

@@ -9,17 +9,23 @@ Matrix-level policies, one short module each (docs/policies.md: the rules and wh
 :mod:`.erank`). They read every targeted matrix's whitened spectrum (:class:`Spectrum`, computed by
 :mod:`.spectra` through the SVD provider, so compression afterwards reuses the same decompositions); the layer's
 kept fraction they report is the parameter-weighted kept fraction of its matrices (:func:`keep_from_ranks`).
+
+Each policy declares its options beside its code, as a method does (:class:`~svdexp.methods.Options`), and
+registers them with the function (:func:`register`); the config's ``allocation`` node and its validation are built
+from them (:mod:`svdexp.config`), so a new policy is one function with its options dataclass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from svdexp.errors import ConfigError
 from svdexp.lowrank import rank_for_ratio
+from svdexp.methods import Options, option
 
 Shapes = list[dict[str, tuple[int, int]]]   # per decoder layer: matrix name -> (m, n)
 
@@ -48,6 +54,44 @@ class Spectrum:
 
 Spectra = Mapping[str, Spectrum]   # matrix name -> its spectrum
 
+# what a policy reads: "cosine" (per-layer importance), "spectra" (whitened spectra of every matrix), "grad" (the
+# summed loss gradient of every matrix); a set, or a function of the policy's options
+Needs = frozenset[str] | Callable[[Any], "set[str] | frozenset[str]"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    fn: Callable[..., Allocation]      # (ratio, shapes, options, importances[, spectra]) -> Allocation
+    options: type[Options] = Options   # the policy's options (the config's allocation.* keys besides name)
+    needs: Needs = field(default_factory=frozenset)
+
+    def needs_for(self, options: Mapping[str, Any] | Options | None = None) -> frozenset[str]:
+        return frozenset(self.needs(self.options.of(options)) if callable(self.needs) else self.needs)
+
+    @property
+    def spectral(self) -> bool:
+        """Whether the policy reads whitened spectra (a matrix-level policy)."""
+        return "spectra" in self.needs_for()
+
+
+ALLOCATIONS: dict[str, Policy] = {}
+
+
+def register(name: str, options: type[Options] = Options, needs: Needs = frozenset()):
+    """Decorator: register ``fn`` as policy ``name`` with the options dataclass ``options``, reading ``needs``.
+    ``fn`` is called with an ``options`` instance; the registered (and returned) function also takes a mapping
+    (the resolved ``allocation`` config), read through :meth:`~svdexp.methods.Options.of`."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(ratio: float, shapes: Shapes, opts: Mapping[str, Any] | Options | None = None, *args, **kwargs
+                 ) -> Allocation:
+            return fn(ratio, shapes, options.of(opts), *args, **kwargs)
+
+        ALLOCATIONS[name] = Policy(name, call, options, needs if callable(needs) else frozenset(needs))
+        return call
+    return wrap
+
 
 def break_even(m: int, n: int) -> int:
     """``floor(m n / (m + n))``: a larger rank stores more than the dense ``m x n`` matrix."""
@@ -72,7 +116,8 @@ def ranks_from_keep(shapes: Shapes, keep: list[float]) -> dict[str, int | None]:
     return ranks
 
 
-def uniform(ratio: float, shapes: Shapes, cfg, importances=None) -> Allocation:
+@register("uniform")
+def uniform(ratio: float, shapes: Shapes, options: Options, importances=None) -> Allocation:
     keep = [1.0 if ratio == 0 else 1.0 - ratio] * len(shapes)
     return Allocation(keep, ranks_from_keep(shapes, keep), {})
 
@@ -87,12 +132,21 @@ def _weighted_mean(keep: list[float], weights: list[float]) -> float:
     return sum(k * w for k, w in zip(keep, weights)) / sum(weights)
 
 
-def adacr(ratio: float, shapes: Shapes, cfg, importances: list[float] | None = None) -> Allocation:
+@dataclass(frozen=True)
+class AdaCROptions(Options):
+    min_keep: Optional[float] = option(None, "minimum kept fraction per layer (the paper's mrr); null = the paper's "
+                                       "value for the nearest listed ratio: 0.50 / 0.40 / 0.30 at 40 / 50 / 60 %",
+                                       low=0.0, high=1.0, closed="(]")
+
+
+@register("adacr", AdaCROptions, needs={"cosine"})
+def adacr(ratio: float, shapes: Shapes, options: AdaCROptions, importances: list[float] | None = None
+          ) -> Allocation:
     """AdaSVD's adaCR: ``keep_l = mrr + I_l / mean(I) * (trr - mrr)``, clamped to ``[mrr, 1]`` and re-balanced."""
     if importances is None:
         raise ValueError("adacr needs per-layer importances (calibration statistic 'cosine')")
     trr = 1.0 - ratio
-    mrr = default_min_keep(ratio) if cfg.get("min_keep") is None else float(cfg["min_keep"])
+    mrr = default_min_keep(ratio) if options.min_keep is None else float(options.min_keep)
     check_adacr(ratio, mrr)
     weights = [float(sum(m * n for m, n in layer.values())) for layer in shapes]
     mean_i = sum(importances) / len(importances)
@@ -128,38 +182,45 @@ def check_last_layers(ratio: float, num_layers: int, total: int) -> None:
                           f"so K must be an integer with {low} <= K <= {total}, or 'auto'.")
 
 
-def last_layers(ratio: float, shapes: Shapes, cfg, importances=None) -> Allocation:
-    """Compress only the last ``K`` layers, each at ``N * ratio / K``; the first ``N - K`` stay dense."""
+@dataclass(frozen=True)
+class LastLayersOptions(Options):
+    num_layers: Any = option("auto", "K, the number of compressed last layers, feasible when N * ratio < K <= N; auto "
+                             "searches a small feasible grid of K by calibration perplexity",
+                             choices=("auto",), low=1, kind=int)
+
+
+@register("last_layers", LastLayersOptions)
+def last_layers(ratio: float, shapes: Shapes, options: LastLayersOptions, importances=None) -> Allocation:
+    """Compress only the last ``K`` layers, each at ``N * ratio / K``; the first ``N - K`` stay dense
+    (``num_layers: auto`` is resolved to a ``K`` by the runner before this is called)."""
     total = len(shapes)
-    k_layers = cfg["num_layers"]
+    k_layers = options.num_layers
     check_last_layers(ratio, k_layers, total)
     layer_ratio = total * ratio / k_layers
     keep = [1.0] * (total - k_layers) + [1.0 - layer_ratio] * k_layers
     return Allocation(keep, ranks_from_keep(shapes, keep), {"num_layers": k_layers, "layer_ratio": layer_ratio})
 
 
-# importing the modules defines the matrix-level policies (they need the names above)
-from svdexp.allocation import erank, v2, zero_sum  # noqa: E402
+# importing the modules registers the matrix-level policies (they need the names above); in this order, which is
+# the order of the allocation.* keys of the config (svdexp.config: the policies' options in registration order)
+from svdexp.allocation import v2, zero_sum, erank  # noqa: E402,F401,I001
 
-ALLOCATIONS = {"uniform": uniform, "adacr": adacr, "last_layers": last_layers,
-               "v2": v2.v2, "global": zero_sum.zero_sum, "erank": erank.erank}
-SPECTRAL = frozenset({"v2", "global", "erank"})   # policies that read whitened spectra
+SPECTRAL = frozenset(name for name, policy in ALLOCATIONS.items() if policy.spectral)   # read whitened spectra
 
 
-def policy_needs(name: str, cfg: Mapping[str, Any] | None = None) -> frozenset[str]:
-    """What policy ``name`` (options ``cfg``) reads: ``cosine`` (per-layer importance), ``spectra`` (whitened
-    spectra of every matrix) and ``grad`` (the summed loss gradient of every matrix, ``global``'s first order)."""
-    cfg = cfg or {}
-    needs = {"adacr": {"cosine"}, "v2": {"spectra"}, "erank": {"spectra", "cosine"},
-             "global": {"spectra", "grad"} if cfg.get("score", "first_order") == "first_order" else {"spectra"}}
-    return frozenset(needs.get(name, set()))
+def policy_needs(name: str, cfg: Mapping[str, Any] | Options | None = None) -> frozenset[str]:
+    """What policy ``name`` (options ``cfg``, e.g. the resolved ``allocation`` config) reads: ``cosine``
+    (per-layer importance), ``spectra`` (whitened spectra of every matrix) and ``grad`` (the summed loss gradient
+    of every matrix, ``global``'s first order)."""
+    return ALLOCATIONS[name].needs_for(cfg)
 
 
 def allocate(name: str, ratio: float, shapes: Shapes, cfg, importances: list[float] | None = None,
              spectra: Spectra | None = None) -> Allocation:
-    """The allocation of policy ``name`` (``spectra``: for the matrix-level policies, :data:`SPECTRAL`)."""
+    """The allocation of policy ``name`` with options ``cfg`` (a mapping such as the resolved ``allocation``
+    config; ``spectra``: for the matrix-level policies, :data:`SPECTRAL`)."""
     if name in SPECTRAL:
         if spectra is None:
             raise ValueError(f"allocation {name} needs the whitened spectrum of every matrix")
-        return ALLOCATIONS[name](ratio, shapes, cfg, importances, spectra)
-    return ALLOCATIONS[name](ratio, shapes, cfg, importances)
+        return ALLOCATIONS[name].fn(ratio, shapes, cfg, importances, spectra)
+    return ALLOCATIONS[name].fn(ratio, shapes, cfg, importances)

@@ -20,11 +20,13 @@ the break-even rank; :func:`~svdexp.allocation.groups.proportional_shares`); ``r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from svdexp.allocation import Allocation, Spectra, keep_from_ranks
+from svdexp.allocation import Allocation, Spectra, keep_from_ranks, register
 from svdexp.allocation.groups import by_type, proportional_shares, ranks_for_budget
+from svdexp.methods import Options, option
 
 
 def normalized_effective_rank(lam: torch.Tensor) -> float:
@@ -37,10 +39,17 @@ def normalized_effective_rank(lam: torch.Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum())) / lam.numel()
 
 
-def erank(ratio: float, shapes, cfg, importances: list[float] | None, spectra: Spectra) -> Allocation:
+@dataclass(frozen=True)
+class ERankOptions(Options):
+    alpha: float = option(1.0, "exponent of the layer importance (1 = proportional)", low=0.0, closed="(]")
+
+
+@register("erank", ERankOptions, needs={"spectra", "cosine"})
+def erank(ratio: float, shapes, options: ERankOptions, importances: list[float] | None, spectra: Spectra
+          ) -> Allocation:
     if importances is None:
         raise ValueError("erank needs per-layer importances (calibration statistic 'cosine')")
-    alpha = float(cfg.get("alpha", 1.0))
+    alpha = float(options.alpha)
     lo, hi = min(importances), max(importances)
     scaled = [(i - lo) / (hi - lo + 1e-6) + 1.0 for i in importances]
     layer_of = {name: index for index, layer in enumerate(shapes) for name in layer}

@@ -21,6 +21,7 @@ from svdexp.compress import _site_stats
 from svdexp.context import RunContext
 from svdexp.methods.linalg import gram_truncation, weight_in_use
 from svdexp.methods.svd_llm import whitening
+from svdexp.models.decoder import weight_matrix
 from svdexp.statistics import RunStatistics
 
 
@@ -38,14 +39,14 @@ def whitened_spectra(ctx: RunContext, stats: RunStatistics, first_order: bool = 
     """Matrix name -> :class:`~svdexp.allocation.Spectrum` of every targeted matrix of the dense ``ctx.model``,
     one layer's statistics in memory at a time."""
     spectra: dict[str, Spectrum] = {}
-    for index, layer in enumerate(ctx.adapter.layers(ctx.model)):
-        prefix = ctx.adapter.layer_prefix(index)
+    for index, layer in enumerate(ctx.decoder.layers(ctx.model)):
+        prefix = ctx.decoder.layer_prefix(index)
         with stats.policy_layer(index) as original:
             sites = {site: _site_stats(original, None, "original", site, ctx.device)
-                     for site in (*ctx.adapter.sites, *ctx.adapter.targets)}
-            for site, names in ctx.adapter.sites.items():
+                     for site in (*ctx.decoder.sites(index), *ctx.decoder.targets(index))}
+            for site, names in ctx.decoder.sites(index).items():
                 for t in names:
-                    W = layer.get_submodule(t).weight.detach().to(device=ctx.device, dtype=torch.float64)
+                    W = weight_matrix(layer.get_submodule(t)).detach().to(device=ctx.device, dtype=torch.float64)
                     own = dict(sites[t].tensors) if t in sites else {}
                     with weight_in_use(f"{prefix}.{t}"):
                         spectra[f"{prefix}.{t}"] = matrix_spectrum(W, MatrixStats(sites[site], own), first_order)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from svdexp.allocation import Allocation, Spectra, keep_from_ranks
+from svdexp.allocation import Allocation, Spectra, keep_from_ranks, register
 from svdexp.allocation.groups import by_type, proportional_shares, ranks_for_budget
 from svdexp.lowrank import rank_for_ratio
 
@@ -43,7 +43,8 @@ def above_e(losses: list[float]) -> list[float]:
     return [loss * scale for loss in losses]
 
 
-def v2(ratio: float, shapes, cfg, importances, spectra: Spectra) -> Allocation:
+@register("v2", needs={"spectra"})
+def v2(ratio: float, shapes, options, importances, spectra: Spectra) -> Allocation:
     ranks: dict[str, int | None] = {}
     losses: dict[str, float] = {}
     ratios: dict[str, float] = {}

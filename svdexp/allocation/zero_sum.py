@@ -24,11 +24,24 @@ beyond ``r*`` are not formed one by one: together they change the loss by ``-<G,
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import torch
 
-from svdexp.allocation import Allocation, Spectra, Spectrum, break_even, keep_from_ranks
+from svdexp.allocation import Allocation, Spectra, Spectrum, break_even, keep_from_ranks, register
 from svdexp.errors import ConfigError
+from svdexp.methods import Options, option
+
+
+@dataclass(frozen=True)
+class GlobalOptions(Options):
+    score: str = option("first_order", "each component's predicted loss change: first_order (dL_i = -u_i^T G W^T "
+                        "u_i, one backward pass over the calibration data) | truncation_loss (lam_i / sum lam per "
+                        "matrix, no gradient)", choices=("first_order", "truncation_loss"))
+
+
+def _needs(options: GlobalOptions) -> set[str]:
+    return {"spectra", "grad"} if options.score == "first_order" else {"spectra"}
 
 
 def component_scores(spectrum: Spectrum, score: str) -> list[float]:
@@ -49,8 +62,9 @@ def saving(m: int, n: int, rank: int) -> int:
     return m * n - rank * (m + n) if rank <= break_even(m, n) else 0
 
 
-def zero_sum(ratio: float, shapes, cfg, importances, spectra: Spectra) -> Allocation:
-    score = cfg.get("score", "first_order")
+@register("global", GlobalOptions, needs=_needs)
+def zero_sum(ratio: float, shapes, options: GlobalOptions, importances, spectra: Spectra) -> Allocation:
+    score = options.score
     matrices = [(name, m, n) for layer in shapes for name, (m, n) in layer.items()]
     budget = ratio * sum(m * n for _, m, n in matrices)
     most = sum(saving(m, n, 1) for _, m, n in matrices)

@@ -55,22 +55,82 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def calibration_batch(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``num_samples`` random windows of ``seq_len`` tokens from ``ids``, reproducible from ``seed``."""
-    if ids.numel() <= seq_len:
+def calibration_batch(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
+                      bos_id: int | None = None) -> torch.Tensor:
+    """``num_samples`` random windows of ``seq_len`` tokens from ``ids``, reproducible from ``seed``. With
+    ``bos_id``, each window is that token followed by ``seq_len - 1`` tokens of ``ids``."""
+    text_len = seq_len - (bos_id is not None)
+    if text_len < 1:
+        raise ConfigError(f"calib.seq_len={seq_len} leaves no text token after the BOS token; choose calib.seq_len "
+                          ">= 2, or calib.bos=false.")
+    if ids.numel() <= text_len:
         raise ConfigError(
-            f"calibration text has {ids.numel()} tokens, shorter than one sample of calib.seq_len={seq_len}; "
-            "use a shorter seq_len or a larger dataset.")
+            f"calibration text has {ids.numel()} tokens, shorter than one sample of calib.seq_len={seq_len}"
+            f"{' (BOS + text)' if bos_id is not None else ''}; use a shorter seq_len or a larger dataset.")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=gen)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - text_len, (num_samples,), generator=gen)
+    windows = torch.stack([ids[s:s + text_len] for s in starts.tolist()])
+    return windows if bos_id is None else _with_bos(windows, bos_id)
 
 
-def eval_chunks(ids: torch.Tensor, seq_len: int, max_chunks: int | None) -> torch.Tensor:
-    """Non-overlapping chunks of ``seq_len`` tokens (the tail shorter than ``seq_len`` is dropped)."""
-    n = ids.numel() // seq_len
+def eval_chunks(ids: torch.Tensor, seq_len: int, max_chunks: int | None, bos_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping chunks of ``seq_len`` tokens (the tail shorter than ``seq_len`` is dropped). With
+    ``bos_id``, each chunk is that token followed by the next ``seq_len - 1`` tokens of ``ids``: still
+    ``seq_len - 1`` predictions per chunk, all of text tokens."""
+    text_len = seq_len - (bos_id is not None)
+    n = ids.numel() // text_len
     if n == 0:
         raise ConfigError(f"evaluation text has {ids.numel()} tokens, fewer than one chunk of {seq_len}.")
     if max_chunks is not None:
         n = min(n, max_chunks)
-    return ids[: n * seq_len].view(n, seq_len)
+    chunks = ids[: n * text_len].view(n, text_len)
+    return chunks if bos_id is None else _with_bos(chunks, bos_id)
+
+
+def _with_bos(rows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    return torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=rows.dtype), rows], dim=1)
+
+
+# -- BOS: calib.bos / eval.ppl.bos ------------------------------------------------------------------------
+
+BOS_CHOICES = ("auto", "true", "false")
+
+
+def bos_choice(value) -> str | None:
+    """``value`` of ``calib.bos`` / ``eval.ppl.bos`` as one of :data:`BOS_CHOICES`, None when it is none of them.
+    A YAML or command-line ``true`` / ``false`` reaches the string key as ``'True'`` / ``'False'``."""
+    text = {"True": "true", "False": "false"}.get(str(value), str(value))
+    return text if isinstance(value, (str, bool)) and text in BOS_CHOICES else None
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS token first when it tokenises a text (its own setting)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", verbose=False).input_ids
+    return len(ids) > 0 and ids[0] == bos
+
+
+def bos_token(tokenizer, key: str, value) -> int | None:
+    """The BOS token id each window/chunk starts with under ``key=value`` (``auto``: the tokenizer's own setting,
+    :func:`adds_bos`), or None: no BOS. ``true`` with a tokenizer that has no BOS token is a :class:`ConfigError`."""
+    choice = bos_choice(value)
+    if choice is None:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(BOS_CHOICES)}.")
+    if choice == "false" or (choice == "auto" and not adds_bos(tokenizer)):
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ConfigError(f"{key}={choice} asks for a BOS token at the start of every sequence, but the model's "
+                          "tokenizer has none (its bos_token_id is None); choose one of: auto (the tokenizer's own "
+                          "setting: here no BOS), false.")
+    return int(bos)
+
+
+def strip_bos(tokenizer, ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """``ids`` of a whole text (:func:`tokenize_text`), less the BOS token the tokenizer itself put first when the
+    sequences cut from it get their own (``bos_id``): the first sequence then starts with one BOS, not two."""
+    if bos_id is not None and ids.numel() and int(ids[0]) == bos_id and adds_bos(tokenizer):
+        return ids[1:]
+    return ids

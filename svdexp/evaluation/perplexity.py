@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdexp.models.adapters import ADAPTERS
 
 
 def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int, device: torch.device,
@@ -44,18 +43,44 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int, device: 
 def chunk_logits(model: nn.Module, ids: torch.Tensor) -> Iterator[torch.Tensor]:
     """The logits of each chunk (row) of ``ids`` in turn, the batch run through the model at once.
 
-    When the model's logits are its output embedding applied to the decoder's last hidden states (every family
-    with an adapter: llama, mistral, qwen2, opt), the head runs one chunk at a time, so one chunk's logits exist
-    at a time (512 tokens x 49k vocabulary: 0.1 GB instead of the batch's 0.8 GB); otherwise the batch's logits.
+    When the model's logits are its output embedding applied to the decoder's last hidden states and nothing else
+    (:func:`plain_head`), the head runs one chunk at a time, so one chunk's logits exist at a time (512 tokens x
+    49k vocabulary: 0.1 GB instead of the batch's 0.8 GB); otherwise (soft-capped or scaled logits: Gemma 2,
+    Cohere, Granite) the batch's logits as the model returns them.
     """
-    head, decoder = model.get_output_embeddings(), model.get_decoder()
-    if isinstance(head, nn.Linear) and decoder is not None and model.config.model_type in ADAPTERS:
-        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+    if plain_head(model):
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
         for j in range(ids.shape[0]):
             yield head(hidden[j])
         return
     logits = model(ids, use_cache=False).logits
     yield from logits
+
+
+def plain_head(model: nn.Module) -> bool:
+    """Whether ``model``'s logits are exactly its output embedding (an ``nn.Linear``) applied to its decoder's last
+    hidden states: checked once per model on a few tokens, by comparing what the head reads and returns with the
+    decoder's output and the model's logits, bit for bit."""
+    known = getattr(model, "_svdexp_plain_head", None)
+    if known is not None:
+        return known
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    plain = False
+    if isinstance(head, nn.Linear) and decoder is not None and decoder is not model:
+        seen: dict[str, torch.Tensor] = {}
+        handle = head.register_forward_hook(lambda _m, args, out: seen.update(read=args[0], wrote=out))
+        ids = (torch.arange(1, 9) % head.out_features)[None].to(head.weight.device)
+        try:
+            with torch.no_grad():
+                logits = model(ids, use_cache=False).logits
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+        finally:
+            handle.remove()
+        plain = ("wrote" in seen and seen["wrote"].shape == logits.shape and torch.equal(seen["wrote"], logits)
+                 and seen["read"].shape == hidden.shape and torch.equal(seen["read"], hidden))
+    model._svdexp_plain_head = plain
+    return plain
 
 
 def first_nonfinite_module(model: nn.Module, ids: torch.Tensor, device: torch.device) -> str | None:

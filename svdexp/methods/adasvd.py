@@ -18,34 +18,52 @@ Each step cannot increase ``||(W - A B) X'||_F``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import torch
 
-from svdexp.methods import Factors, register
+from svdexp.errors import ConfigError
+from svdexp.methods import (Factors, Options, damping_option, option, propagate_option, register,
+                            solver_option)
 from svdexp.methods.linalg import solve_left_factor, solve_right_factor
 from svdexp.methods.svd_llm import truncation_needs, whitened_truncation
 
 
-def _needs(options: Mapping[str, Any]) -> set[str]:
+@dataclass(frozen=True)
+class AdaSVDOptions(Options):
+    propagate: str = propagate_option()
+    damping: float = damping_option()
+    iters: int = option(1, "adaComp rounds (the paper: one is enough up to 60 % compression)", low=0)
+    # conf/method/adasvd.yaml runs groups: 8 (stack-of-batch); 0 is the option's neutral value, no stacking
+    groups: int = option(0, "stack-of-batch groups of calibration samples for H' (0 = no stacking: the "
+                         "compressed prefix's Gram H_prefix)", low=0)
+    solver: str = solver_option()
+
+    def check(self, cfg) -> None:
+        if self.groups > cfg.calib.num_samples:
+            raise ConfigError(f"method.groups={self.groups} exceeds calib.num_samples={cfg.calib.num_samples}: "
+                              "each stack-of-batch group needs at least one calibration sample.")
+
+
+def _needs(options: AdaSVDOptions) -> set[str]:
     """SVD-LLM's start (with ``solver: auto`` ``C_out`` of the wide matrices, ``H`` only at tall ones) and ``H'``."""
-    return truncation_needs(options) | ({"H_stack"} if int(options.get("groups") or 0) > 0 else {"H_prefix"})
+    return truncation_needs(options) | ({"H_stack"} if options.groups > 0 else {"H_prefix"})
 
 
-def adacomp_statistic(stats, options: Mapping[str, Any]) -> torch.Tensor:
+def adacomp_statistic(stats, options: AdaSVDOptions) -> torch.Tensor:
     """``H'``: stacked-batch Gram if ``groups > 0``, else the compressed-prefix Gram, else ``H``."""
-    if int(options.get("groups") or 0) > 0:
+    if options.groups > 0:
         return stats["H_stack"]
     return stats["H_prefix"] if "H_prefix" in stats else stats["H"]
 
 
-@register("adasvd", needs=_needs)
-def adasvd(W: torch.Tensor, stats, k: int, options) -> Factors:
+@register("adasvd", AdaSVDOptions, needs=_needs)
+def adasvd(W: torch.Tensor, stats, k: int, options: AdaSVDOptions) -> Factors:
     """SVD-LLM whitening at rank ``k`` followed by ``iters`` alternating least-squares rounds on ``H'``."""
     A, B = whitened_truncation(W, stats, k, options)
     H_ada = adacomp_statistic(stats, options)
-    solver = options.get("solver", "svd")
-    for _ in range(int(options.get("iters", 1))):
+    solver = options.solver
+    for _ in range(options.iters):
         A = solve_left_factor(W, B, H_ada, solver)
         B = solve_right_factor(W, A, solver)
     return A, B

@@ -14,17 +14,26 @@ Dead input channels (``abs_mean = 0``) are floored at ``1e-8 * max(abs_mean)`` b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from svdexp.methods import Factors, register
+from svdexp.methods import Factors, Options, option, propagate_option, register, solver_option
 from svdexp.methods.linalg import positive_floor, scaled_factors
 
 CHANNEL_FLOOR = 1e-8   # relative to the largest mean |x| of the site
 
 
-@register("asvd", needs={"abs_mean"})
-def asvd(W: torch.Tensor, stats, k: int, options) -> Factors:
+@dataclass(frozen=True)
+class ASVDOptions(Options):
+    propagate: str = propagate_option()
+    alpha: float = option(0.5, "exponent of the activation scaling (the paper's 0.5)", low=0.0)
+    solver: str = solver_option()
+
+
+@register("asvd", ASVDOptions, needs={"abs_mean"})
+def asvd(W: torch.Tensor, stats, k: int, options: ASVDOptions) -> Factors:
     """Activation-scaled truncated SVD of ``W`` at rank ``k``."""
-    alpha = float(options.get("alpha", 0.5))
+    alpha = float(options.alpha)
     S = positive_floor(stats["abs_mean"], CHANNEL_FLOOR) ** alpha
-    return scaled_factors(W, k, right=S, solver=options.get("solver", "svd"))
+    return scaled_factors(W, k, right=S, solver=options.solver)

@@ -16,23 +16,33 @@ projection ``w_i V_k V_k^T`` rather than being dropped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from svdexp.methods import Factors, register
+from svdexp.methods import Factors, Options, option, register, solver_option
 from svdexp.methods.linalg import positive_floor, scaled_factors
 
 IMPORTANCE_FLOOR = 1e-8   # relative to the largest importance of the matrix
 
 
-@register("fwsvd", needs={"fisher"})
-def fwsvd(W: torch.Tensor, stats, k: int, options) -> Factors:
+@dataclass(frozen=True)
+class FWSVDOptions(Options):
+    # no propagate: the Fisher importances come from the whole dense model's loss gradients
+    fisher: str = option("rows", "which importances weight W: rows (the paper) | columns (the ASVD code's "
+                         "variant)", choices=("rows", "columns"))
+    solver: str = solver_option()
+
+
+@register("fwsvd", FWSVDOptions, needs={"fisher"})
+def fwsvd(W: torch.Tensor, stats, k: int, options: FWSVDOptions) -> Factors:
     """Fisher-weighted truncated SVD of ``W`` at rank ``k`` (rows by default, ``fisher: columns`` optional)."""
-    reduce = options.get("fisher", "rows")
+    reduce = options.fisher
     importance = stats["fisher"]
     expected = W.shape[0] if reduce == "rows" else W.shape[1]
     if importance.numel() != expected:
         raise ValueError(f"fwsvd: fisher ({reduce}) has {importance.numel()} entries, W is {tuple(W.shape)}")
     D = positive_floor(importance, IMPORTANCE_FLOOR).sqrt()
-    solver = options.get("solver", "svd")
+    solver = options.solver
     return scaled_factors(W, k, left=D, solver=solver) if reduce == "rows" else \
         scaled_factors(W, k, right=D, solver=solver)

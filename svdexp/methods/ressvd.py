@@ -12,11 +12,25 @@ whitened residual as SVD-LLM's auto solver (no ``S^-1``), a plain residual from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from svdexp.methods import Factors, register
+from svdexp.methods import (Factors, Options, damping_option, option, propagate_option, register,
+                            solver_option)
 from svdexp.methods.linalg import gram_truncation, split_sqrt, truncated_svd
 from svdexp.methods.svd_llm import whitened_truncation
+
+
+@dataclass(frozen=True)
+class ResSVDOptions(Options):
+    propagate: str = propagate_option()
+    damping: float = damping_option()
+    beta: float = option(0.05, "share of the rank for the residual, k2 = round(beta m n / (m + n)) (the paper's "
+                         "0.05)", low=0.0, high=1.0, closed="[)")
+    space: str = option("plain", "where the residual is truncated: plain (SVD of R) | whitened (SVD of R S; then "
+                        "equal to the whitened truncation at k)", choices=("plain", "whitened"))
+    solver: str = solver_option()
 
 
 def split_rank(k: int, m: int, n: int, beta: float) -> tuple[int, int]:
@@ -25,18 +39,18 @@ def split_rank(k: int, m: int, n: int, beta: float) -> tuple[int, int]:
     return k - k2, k2
 
 
-@register("ressvd", needs={"H"})
-def ressvd(W: torch.Tensor, stats, k: int, options) -> Factors:
+@register("ressvd", ResSVDOptions, needs={"H"})
+def ressvd(W: torch.Tensor, stats, k: int, options: ResSVDOptions) -> Factors:
     """Whitened truncation at ``k1`` plus a rank-``k2`` truncation of the residual."""
     m, n = W.shape
-    k1, k2 = split_rank(k, m, n, float(options.get("beta", 0.05)))
+    k1, k2 = split_rank(k, m, n, float(options.beta))
     A1, B1 = whitened_truncation(W, stats, k1, options)
     if k2 == 0:
         return A1, B1
     R = W.double() - A1 @ B1
-    if options.get("space", "plain") == "whitened":
+    if options.space == "whitened":
         A2, B2 = whitened_truncation(R, stats, k2, options, reuse=False)
-    elif options.get("solver", "svd") == "auto":
+    elif options.solver == "auto":
         A2, B2, _ = gram_truncation(R, k2, reuse=False)
     else:
         A2, B2 = split_sqrt(*truncated_svd(R, k2))

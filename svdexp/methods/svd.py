@@ -6,14 +6,21 @@ balanced (:func:`~svdexp.methods.linalg.gram_truncation`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from svdexp.methods import Factors, register
+from svdexp.methods import Factors, Options, register, solver_option
 from svdexp.methods.linalg import Recipe, gram_truncation, split_sqrt, truncated_svd
 
 
-@register("svd")
-def svd(W: torch.Tensor, stats, k: int, options) -> Factors:
-    if options.get("solver", "svd") == "auto":
+@dataclass(frozen=True)
+class SVDOptions(Options):
+    solver: str = solver_option()
+
+
+@register("svd", SVDOptions)
+def svd(W: torch.Tensor, stats, k: int, options: SVDOptions) -> Factors:
+    if options.solver == "auto":
         return gram_truncation(W, k)[:2]
     return split_sqrt(*truncated_svd(W, k, Recipe("W")))

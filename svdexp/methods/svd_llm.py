@@ -19,21 +19,31 @@ all such needs no ``H`` (``needs``: ``C_out`` and ``H_tall``, see :mod:`svdexp.c
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import torch
 
-from svdexp.methods import Factors, register
+from svdexp.methods import (Factors, Options, damping_option, option, propagate_option, register,
+                            solver_option)
 from svdexp.methods.linalg import Weighting, gram_truncation, solve_left_factor, whitened_factors
 
 
-def truncation_needs(options: Mapping[str, Any]) -> set[str]:
+@dataclass(frozen=True)
+class SVDLLMOptions(Options):
+    propagate: str = propagate_option()
+    damping: float = damping_option()
+    update: str = option("none", "closed_form: re-fit A to the compressed prefix's inputs (arXiv v1's step 2)",
+                         choices=("none", "closed_form"))
+    solver: str = solver_option()
+
+
+def truncation_needs(options) -> set[str]:
     """The statistics of the whitened truncation alone: ``H``; with ``solver: auto`` ``C_out`` and ``H_tall``."""
-    return {"C_out", "H_tall"} if options.get("solver", "svd") == "auto" else {"H"}
+    return {"C_out", "H_tall"} if options.solver == "auto" else {"H"}
 
 
-def _needs(options: Mapping[str, Any]) -> set[str]:
-    if options.get("update", "none") == "closed_form":
+def _needs(options: SVDLLMOptions) -> set[str]:
+    if options.update == "closed_form":
         return {"H", "H_prefix"}
     return truncation_needs(options)
 
@@ -47,18 +57,19 @@ def whitening(stats, reuse: bool = True) -> Weighting:
     return Weighting(H=H, root=lambda: stats.root("H"), C_out=C_out)
 
 
-def whitened_truncation(W: torch.Tensor, stats, k: int, options: Mapping[str, Any], reuse: bool = True) -> Factors:
-    """SVD-LLM's truncation of ``W`` at rank ``k`` by ``options["solver"]`` (``reuse``: see :func:`whitening`)."""
-    if options.get("solver", "svd") == "auto":
+def whitened_truncation(W: torch.Tensor, stats, k: int, options, reuse: bool = True) -> Factors:
+    """SVD-LLM's truncation of ``W`` at rank ``k`` by ``options.solver`` (``options``: those of a whitening
+    method, with ``solver`` and ``damping``; ``reuse``: see :func:`whitening`)."""
+    if options.solver == "auto":
         return gram_truncation(W, k, whitening(stats, reuse), reuse)[:2]
-    S = stats.cholesky("H", eps=options.get("damping", 1e-6))
+    S = stats.cholesky("H", eps=options.damping)
     return whitened_factors(W, S, k, reuse)[:2]
 
 
-@register("svd_llm", needs=_needs)
-def svd_llm(W: torch.Tensor, stats, k: int, options) -> Factors:
+@register("svd_llm", SVDLLMOptions, needs=_needs)
+def svd_llm(W: torch.Tensor, stats, k: int, options: SVDLLMOptions) -> Factors:
     """Whitened truncation of ``W`` at rank ``k``, optionally followed by the closed-form update of ``A``."""
     A, B = whitened_truncation(W, stats, k, options)
-    if options.get("update", "none") == "closed_form":
-        A = solve_left_factor(W, B, stats["H_prefix"], options.get("solver", "svd"))
+    if options.update == "closed_form":
+        A = solve_left_factor(W, B, stats["H_prefix"], options.solver)
     return A, B

@@ -1,6 +1,6 @@
-"""Model loading (packaged GGUF, hub id, local folder, tiny random) and per-family adapters."""
+"""Model loading (packaged GGUF, hub id, local folder, tiny random) and the decoder read from the model."""
 
-from svdexp.models.adapters import ADAPTERS, Adapter, adapter_for
+from svdexp.models.decoder import Decoder, discover
 from svdexp.models.loading import load_model
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "load_model"]
+__all__ = ["Decoder", "discover", "load_model"]

@@ -1,9 +1,9 @@
-"""benchmarks/inference.py's report: the markdown table of speed and memory against SVD-LLM V2's published gains,
+"""The inference benchmark's report: the markdown table of speed and memory against SVD-LLM V2's published gains,
 and where the decode time goes (Amdahl's law with numbers)."""
 
 from __future__ import annotations
 
-from inference_profile import PARTS, decode_step_ms
+from benchmarks.inference.breakdown import PARTS, decode_step_ms
 
 # SVD-LLM V2 (Wang et al. 2025), published inference throughput gain over the dense model on GPU.
 PUBLISHED_SVD_LLM_V2 = {0.2: 1.29, 0.4: 1.63, 0.6: 2.08, 0.8: 2.71}

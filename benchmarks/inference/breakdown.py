@@ -1,4 +1,4 @@
-"""benchmarks/inference.py's per-module profile: wall time per module category and per forward phase, from
+"""The inference benchmark's per-module profile: wall time per module category and per forward phase, from
 forward hooks, and the exclusive milliseconds of one decode step derived from it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from common import sync
+from benchmarks.common import sync
 
 
 class Breakdown:
@@ -22,7 +22,7 @@ class Breakdown:
         self.phase = "prefill"
         self._start: dict[int, float] = {}
         self.handles = []
-        from svdexp.models import adapter_for
+        from svdexp.models import discover
 
         categories: dict[nn.Module, list[str]] = {}
 
@@ -37,7 +37,7 @@ class Breakdown:
                 add(module, "targeted linears")
                 if ".self_attn." in name:
                     add(module, "attention linears")
-        for layer in adapter_for(model.config.model_type).layers(model):
+        for layer in discover(model).layers(model):
             add(layer, "decoder layers")
             add(getattr(layer, "self_attn", None), "attention blocks")
             add(getattr(layer, "mlp", None), "mlp blocks")

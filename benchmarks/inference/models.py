@@ -1,4 +1,4 @@
-"""benchmarks/inference.py's models: the compressed checkpoints it measures, made once, loaded back, and a
+"""The inference benchmark's models: the compressed checkpoints it measures, made once, loaded back, and a
 fixed random batch to run them on."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from common import timed
+from benchmarks.common import timed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -41,7 +41,7 @@ def build_checkpoints(dense: str, ratios: list[float], cache: Path, rebuild: boo
     from svdexp.compress import target_shapes
     from svdexp.lowrank import LowRankLinear, rank_for_ratio
     from svdexp.methods.linalg import split_sqrt, truncated_svd
-    from svdexp.models import adapter_for
+    from svdexp.models import discover
 
     folders = {r: cache / f"svd_r{r:.2f}" for r in ratios}
     todo = [r for r, f in folders.items() if rebuild or not (f / "config.json").is_file()]
@@ -52,7 +52,7 @@ def build_checkpoints(dense: str, ratios: list[float], cache: Path, rebuild: boo
         tokenizer = AutoTokenizer.from_pretrained(dense)
     except (OSError, ValueError):
         tokenizer = None
-    shapes = {name: shape for layer in target_shapes(model, adapter_for(model.config.model_type))
+    shapes = {name: shape for layer in target_shapes(model, discover(model))
               for name, shape in layer.items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # LAPACK SVDs degrade badly when the cores are shared; one thread is robust
@@ -79,7 +79,7 @@ def build_checkpoints(dense: str, ratios: list[float], cache: Path, rebuild: boo
             shutil.rmtree(folders[ratio])
         save_compressed(compressed, tokenizer, folders[ratio], ranks,
                         {"method": "svd", "ratio": ratio, "allocation": "uniform", "source": dense,
-                         "made_by": "benchmarks/inference.py"})
+                         "made_by": "benchmarks/inference"})
         print(f"[bench] wrote {folders[ratio]}", flush=True)
         del compressed
     return folders
@@ -92,11 +92,11 @@ def load_for_bench(ratio: float, path: str, device: torch.device, dtype: torch.d
 
     from svdexp.checkpoint import load_compressed, low_rank_modules
     from svdexp.compress import target_shapes
-    from svdexp.models import adapter_for
+    from svdexp.models import discover
 
     if ratio == 0.0:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        targets = {n for layer in target_shapes(model, adapter_for(model.config.model_type)) for n in layer}
+        targets = {n for layer in target_shapes(model, discover(model)) for n in layer}
     else:
         model = load_compressed(path, device=device, dtype=dtype)
         targets = set(low_rank_modules(model))

@@ -1,12 +1,12 @@
-"""benchmarks/inference.py's memory measurement: one model per process, its peak resident set through one
+"""The inference benchmark's memory measurement: one model per process, its peak resident set through one
 prefill and one generation."""
 
 from __future__ import annotations
 
 import torch
 
-from common import maxrss_bytes, proc_status, reset_peak_rss, timed
-from inference_models import DTYPES, Runner, load_for_bench
+from benchmarks.common import maxrss_bytes, proc_status, reset_peak_rss, timed
+from benchmarks.inference.models import DTYPES, Runner, load_for_bench
 
 
 def memory_worker(spec: dict) -> dict:

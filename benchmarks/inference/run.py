@@ -1,7 +1,7 @@
 """Inference speed and memory of dense vs SVD-compressed checkpoints.
 
-    .venv/bin/python benchmarks/inference.py                        # embedded SmolLM2-135M, CPU, fp32
-    .venv/bin/python benchmarks/inference.py --model PATH --device cuda --dtype float16 --batch 8 --prompt-len 512
+    .venv/bin/python -m benchmarks.inference                        # embedded SmolLM2-135M, CPU, fp32
+    .venv/bin/python -m benchmarks.inference --model PATH --device cuda --dtype float16 --batch 8 --prompt-len 512
 
 For the dense model and each ratio (default 0.2 0.4 0.6 0.8; plain truncated SVD, uniform ratio over the targeted
 q/k/v/o/gate/up/down of every decoder layer, written once with ``svdexp.checkpoint.save_compressed`` into a cache
@@ -37,15 +37,15 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, write_results
-from inference_memory import memory_worker
-from inference_models import DTYPES, build_checkpoints, dense_source
-from inference_report import PUBLISHED_SVD_LLM_V2, mb, write_report
-from inference_timing import speed_worker
+from benchmarks.common import RESULTS, ROOT, write_results
+from benchmarks.inference.memory import memory_worker
+from benchmarks.inference.models import DTYPES, build_checkpoints, dense_source
+from benchmarks.inference.report import PUBLISHED_SVD_LLM_V2, mb, write_report
+from benchmarks.inference.timing import speed_worker
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2",
                         help="'smollm2' (embedded GGUF) or a dense Hugging Face folder / hub id")
     parser.add_argument("--device", default="cpu")
@@ -74,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _run_worker(kind: str, spec: dict) -> dict:
     """Run ``--worker`` of ``kind`` in a fresh interpreter; return its JSON result."""
-    run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)],
+    run = subprocess.run([sys.executable, "-m", "benchmarks.inference", "--worker", kind, "--spec", json.dumps(spec)],
                          capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
             r[f"{key}_speedup"] = r[f"{key}_tok_s"] / dense_row[f"{key}_tok_s"]
         print(f"[bench] ratio {r['ratio']:.2f}: prefill {r['prefill_tok_s']:.0f} tok/s ({r['prefill_speedup']:.2f}x), "
               f"decode {r['decode_tok_s']:.1f} tok/s ({r['decode_speedup']:.2f}x)", flush=True)
-    meta = {"model": name, "dense_path": dense, "command": " ".join(["python benchmarks/inference.py", *argv]),
+    meta = {"model": name, "dense_path": dense, "command": " ".join(["python -m benchmarks.inference", *argv]),
             "device": args.device, "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
             "threads": speed["threads"], "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
@@ -127,8 +127,3 @@ def main(argv: list[str]) -> None:
     path = write_results("inference", {"meta": meta, "results": results}, write_report(meta, dense_row, rows),
                          args.out)
     print(f"[bench] wrote {path} and {path.with_suffix('.md')} ({meta['wall_s']:.0f} s)", flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
-

@@ -1,4 +1,4 @@
-"""benchmarks/inference.py's speed measurement: every model in one process, timed round-robin; the hooked
+"""The inference benchmark's speed measurement: every model in one process, timed round-robin; the hooked
 per-module profile of a few generations; single layers timed in isolation."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common import timed
-from inference_models import DTYPES, Runner, load_for_bench
-from inference_profile import Breakdown
+from benchmarks.common import timed
+from benchmarks.inference.breakdown import Breakdown
+from benchmarks.inference.models import DTYPES, Runner, load_for_bench
 
 
 def speed_worker(spec: dict) -> dict:
