@@ -33,8 +33,9 @@ def compose_config(overrides: list[str]):
     """The app's config for ``overrides`` (W&B off), as ``svdexp`` would compose it."""
     from hydra import compose, initialize_config_dir
 
-    from svdexp.app import CONFIG_DIR   # registers the schema
+    from svdexp.config import CONFIG_DIR, register_configs
 
+    register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("config", overrides=["logger=none", *overrides])
 
@@ -105,8 +106,9 @@ def maxrss_bytes() -> int:
 def app_env(cache: Path | None = None) -> dict[str, str]:
     """The environment of a benchmark's app runs: offline, W&B and progress bars off; ``cache`` as
     ``$SVDEXP_CACHE`` when given."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               WANDB_MODE="disabled", TQDM_DISABLE="1")
+    from svdexp.app import OFFLINE
+
+    env = {**os.environ, **OFFLINE, "TQDM_DISABLE": "1"}
     if cache is not None:
         env["SVDEXP_CACHE"] = str(cache)
     return env

@@ -20,10 +20,12 @@ import torch
 
 from common import compose_config, load_run, timed, write_results
 
-from svdexp.compress import compress_model, target_shapes
+from svdexp.allocation.ranks import allocate_ranks
+from svdexp.app import job_threads
+from svdexp.compression.compress import compress_model, target_shapes
+from svdexp.compression.statistics import RunStatistics
 from svdexp.evaluation.perplexity import perplexity
-from svdexp.runner import allocate_ranks, job_threads
-from svdexp.statistics import RunStatistics, StatsPlan
+from svdexp.runner import stats_plan
 
 
 def main(overrides: list[str]) -> dict:
@@ -48,7 +50,7 @@ def main(overrides: list[str]) -> dict:
     _, t_forward = timed(forward_pass)
     _, t_svd = timed(svd_all)
 
-    plan = StatsPlan.for_run(ctx.method, ctx.propagate, cfg.allocation.name, ctx.options)
+    plan = stats_plan(cfg)
     # the run's own mechanism: each layer's statistics written to a (here private) store as soon as collected
     with RunStatistics(ctx, plan) as stats:
         _, t_calib = timed(stats.prepare)

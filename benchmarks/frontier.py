@@ -27,8 +27,8 @@ from common import RESULTS, ROOT, run_app, write_results
 from zeroshot_compressed import _cell
 from zeroshot_dense import subset_name
 
-from svdexp.report import scan
-from svdexp.tracking import read_results
+from svdexp.record.tracking import read_results
+from svdexp.report.frame import scan
 
 OUT = ROOT / "outputs" / "sweeps" / "frontier"
 POLICIES = ["uniform", "adacr", "last_layers", "v2", "global first_order", "global truncation_loss", "erank"]

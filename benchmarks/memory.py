@@ -99,9 +99,9 @@ class Stages:
 
 def convert_once(cfg) -> dict | None:
     """Convert the packaged GGUF in a child process if not done yet; its peak RSS, or None when already done."""
-    from svdexp.models.loading import cache_dir
+    from svdexp.cache.budget import cache_root
 
-    if cfg.model.source != "gguf_package" or (cache_dir() / "models" / cfg.model.name / "config.json").is_file():
+    if cfg.model.source != "gguf_package" or (cache_root() / "models" / cfg.model.name / "config.json").is_file():
         return None
     code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from omegaconf import OmegaConf; "
             "from svdexp.models.loading import resolve_path; resolve_path(OmegaConf.create(sys.argv[2])); "
@@ -121,12 +121,12 @@ def main() -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from svdexp.models.loading import cache_dir
+    from svdexp.cache.budget import cache_root
 
     cfg = compose_config(overrides)
     conversion = convert_once(cfg)
     fresh = Path(tempfile.mkdtemp(prefix="svdexp-memory-"))
-    (fresh / "models").symlink_to(cache_dir() / "models")
+    (fresh / "models").symlink_to(cache_root() / "models")
     os.environ["SVDEXP_CACHE"] = str(fresh)
     try:
         return measure(cfg, torch, conversion)
@@ -135,23 +135,27 @@ def main() -> dict:
 
 
 def measure(cfg, torch, conversion: dict | None) -> dict:
-    from svdexp.cache import SVDCache
-    from svdexp.compress import compress_model, target_shapes
+    from svdexp.allocation.ranks import allocate_ranks
+    from svdexp.cache.store import SVDCache
+    from svdexp.compression.compress import compress_model, target_shapes
+    from svdexp.compression.statistics import RunStatistics
+    from svdexp.context import build_context
+    from svdexp.data import run_tokens
+    from svdexp.evaluation.metrics import evaluate_ppl
     from svdexp.methods.linalg import svd_provider
     from svdexp.models import discover, load_model
-    from svdexp.runner import allocate_ranks, build_context, evaluate_ppl, tokens
-    from svdexp.statistics import RunStatistics, StatsPlan
+    from svdexp.runner import compressing, stats_plan
 
     torch.manual_seed(cfg.seed)
     stages = Stages()
     stages.run("imports", lambda: None)
     model, tokenizer = stages.run("load_model", lambda: load_model(cfg.model, cfg.dtype, cfg.seed))
     weights = sum(p.numel() for p in model.parameters()) * 4 / GB       # float32 bytes, tied weights once
-    eval_sets, calib_ids = stages.run("data", lambda: tokens(cfg, tokenizer))
+    eval_sets, calib_ids = stages.run("data", lambda: run_tokens(cfg, tokenizer, compressing(cfg)))
     # the run's context: its only heavy work is the weights' fingerprint
     ctx = stages.run("fingerprint", lambda: build_context(cfg, model, tokenizer, eval_sets, calib_ids, discover(model)))
     shapes = target_shapes(model, ctx.decoder)
-    stats = RunStatistics(ctx, StatsPlan.for_run(ctx.method, cfg.method.propagate, cfg.allocation.name, ctx.options))
+    stats = RunStatistics(ctx, stats_plan(cfg))
     stages.run("calibration", stats.prepare)
 
     def compression():

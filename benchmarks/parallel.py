@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import run_app, timed, write_results
 
-from svdexp.models.loading import cache_dir
+from svdexp.cache.budget import cache_root
 
 SWEEP = ["method=svd,svd_llm", "ratio=0.2,0.4", "logger=none", "eval.ppl.max_chunks=8"]
 
@@ -28,7 +28,7 @@ def sweep(launcher: list[str], extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "cache" / "models").mkdir(parents=True)
-        for model in (cache_dir() / "models").iterdir():
+        for model in (cache_root() / "models").iterdir():
             (tmp / "cache" / "models" / model.name).symlink_to(model)
         _, wall = timed(lambda: run_app(["-m", *SWEEP, *launcher, *extra, f"hydra.sweep.dir={tmp / 'out'}"],
                                         cache=tmp / "cache"))

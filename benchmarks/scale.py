@@ -39,13 +39,13 @@ def one_solver(solver: str, method_name: str, samples: int, seq_len: int) -> dic
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from svdexp.allocation import allocate
-    from svdexp.cache import SVDCache
-    from svdexp.compress import compress_model, target_shapes
+    from svdexp.cache.store import SVDCache
+    from svdexp.compression.compress import compress_model, target_shapes
+    from svdexp.compression.statistics import RunStatistics, StatsPlan
     from svdexp.context import RunContext
     from svdexp.methods import METHODS
     from svdexp.methods.linalg import svd_provider
     from svdexp.models import discover
-    from svdexp.statistics import RunStatistics, StatsPlan
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **LLAMA_7B), dtype=torch.float32).eval()
@@ -54,7 +54,7 @@ def one_solver(solver: str, method_name: str, samples: int, seq_len: int) -> dic
     options = {"name": method_name, "propagate": "original", "solver": solver, "damping": 1e-6, "update": "none"}
     ctx = RunContext(model, discover(model), method, options, ids, batch_size=8, device=torch.device("cpu"),
                      seed=0, fingerprint=f"scale-benchmark-{solver}")
-    plan = StatsPlan.for_run(method, "original", "uniform", options)
+    plan = StatsPlan.for_run(method, "original", options)
     shapes = target_shapes(model, ctx.decoder)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["SVDEXP_CACHE"] = cache          # the SVD cache's files

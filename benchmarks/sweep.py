@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import run_app, write_results
 
-from svdexp.models.loading import cache_dir
+from svdexp.cache.budget import cache_root
 
 
 def compression_seconds(out: Path) -> dict:
@@ -56,7 +56,7 @@ def main() -> dict:
     parser.add_argument("--labels", default="single,sweep_cached,sweep_uncached", help="which of the runs to do")
     args, extra = parser.parse_known_args()
     base_cache = Path(tempfile.mkdtemp(prefix="svdexp-bench-"))
-    user_models = cache_dir() / "models"
+    user_models = cache_root() / "models"
     results: dict = {"command": " ".join(["benchmarks/sweep.py", *sys.argv[1:]])}
     for label, overrides in (("single", None), ("sweep_cached", []),
                              ("sweep_uncached", ["calib.cache=false", "calib.cache_svd=false"])):

@@ -23,7 +23,7 @@ from pathlib import Path
 from common import RESULTS, ROOT, run_app, write_results
 from zeroshot_dense import TASKS, subset_name
 
-from svdexp.tracking import read_results
+from svdexp.record.tracking import read_results
 
 
 def run_dir(ratio: float, limit: int | None, tasks: list[str], dtype: str) -> Path:

@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from svdexp.app import OFFLINE
+
+for _key, _value in OFFLINE.items():
+    os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
 
@@ -202,12 +203,12 @@ def main() -> int:
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
 
-    from svdexp.cache import model_fingerprint
+    from svdexp.cache.budget import cache_root
+    from svdexp.cache.store import model_fingerprint
     from svdexp.evaluation.harness import response_cache_path
-    from svdexp.models.loading import cache_dir
-    from svdexp.tracking import read_results, write_json_atomic
+    from svdexp.record.tracking import read_results, write_json_atomic
 
-    folder = args.model_dir or cache_dir() / "models" / "smollm2_135m"
+    folder = args.model_dir or cache_root() / "models" / "smollm2_135m"
     folder.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_gguf()
     ensure_plain_folder(folder, model, tokenizer)

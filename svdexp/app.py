@@ -1,22 +1,38 @@
-"""The Hydra entry point (`svdexp`): compose the config, validate, hand over to the runner, print a summary."""
+"""The Hydra entry point (`svdexp`): compose the config, validate, hand over to the runner with this job's threads,
+print a summary."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from svdexp.config import check_override_keys, register_configs
+from svdexp.config import CONFIG_DIR, check_override_keys, register_configs
 from svdexp.errors import ConfigError, NumericalError, SaveError
 
 register_configs()
 
-# The config tree lives at the repository's top level (conf/); the package is installed editable from there.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The environment of a process that must not reach the network (the tests, the benchmarks: the packaged model and
+# the embedded data need none): Hugging Face hub, datasets and transformers offline, W&B off.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def job_threads(threads: int | None) -> int:
+    """The torch/OpenMP threads of this job: ``threads`` when set, else this process's cores divided by the
+    jobs its launcher runs at once (``hydra.launcher.n_jobs``; 1 outside a parallel launcher), so that a
+    parallel sweep does not start n_jobs x cores threads on the same cores."""
+    if threads is not None:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = 1
+    if HydraConfig.initialized():
+        n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=None)
+        jobs = cores if isinstance(n_jobs, int) and n_jobs < 1 else (n_jobs or 1)   # joblib: -1 = every core
+    return max(1, cores // jobs)
 
 
 def summary(results: dict) -> str:
@@ -91,7 +107,7 @@ def _job(cfg: DictConfig) -> None:
     quiet_console()
     try:
         _check_targets(HydraConfig.get())
-        results = run(cfg, HydraConfig.get().runtime.output_dir)
+        results = run(cfg, HydraConfig.get().runtime.output_dir, job_threads(cfg.threads))
     except tuple(EXIT_CODES) as err:
         kind = {ConfigError: "configuration error", NumericalError: "numerical failure",
                 SaveError: "checkpoint not saved"}[type(err)]

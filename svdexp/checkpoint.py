@@ -23,9 +23,9 @@ A low-rank layer replaces an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's
 
 :func:`load_compressed` reads the same folder without remote code: it builds the base family model from the
 config on the meta device (with the skeleton helpers of ``svdexp/hf_remote``), swaps in
-:class:`~svdexp.lowrank.LowRankLinear` at the recorded ranks, checks every key and shape of the safetensors file
-against that skeleton and only then loads the tensors. Pickle files are refused outright; ``torch.load`` is never
-used. Format-1 folders (``model_type`` ``svdexp_<family>``, llama / mistral / qwen2 / opt) load too.
+:class:`~svdexp.compression.lowrank.LowRankLinear` at the recorded ranks, checks every key and shape of the
+safetensors file against that skeleton and only then loads the tensors. Pickle files are refused outright;
+``torch.load`` is never used. Format-1 folders (``model_type`` ``svdexp_<family>``, llama / mistral / qwen2 / opt) load too.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from svdexp.compression.lowrank import LowRankLinear
+from svdexp.faults import atomic_write
 from svdexp.hf_remote.configuration_svdexp import (FORMAT_VERSION, MODEL_TYPE, base_config_from_dict, base_model_type,
                                                    svdexp_config_dict)
 from svdexp.hf_remote.modeling_svdexp import REMOTE_FILES, causal_lm_class, swap_in_low_rank
-from svdexp.lowrank import LowRankLinear
 
 READABLE_FORMAT_VERSIONS = (1, FORMAT_VERSION)
 WEIGHTS_NAME = "model.safetensors"
@@ -241,6 +242,23 @@ def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, ranks: d
     if leftovers:  # e.g. a tokenizer class that pickles something: never ship that
         raise RuntimeError(f"saving produced pickle-based files {leftovers} in {path}; remove them")
     return path
+
+
+def save_run(save: bool | str, output_dir: Path, model: nn.Module, tokenizer: Any, results: dict) -> str:
+    """The checkpoint of a finished run (``save``: true = ``<output_dir>/model``, else a folder path), with the ranks
+    and settings of its ``results``; returns where it went. Written aside and renamed
+    (:func:`~svdexp.faults.atomic_write`), so a killed run never leaves a folder that looks complete. A folder
+    already at the target can only be a previous unfinished attempt of this run (``validate()`` refuses a non-empty
+    user path; a finished run was skipped): it is replaced."""
+    target = output_dir / "model" if save is True else Path(save).expanduser()
+    resolved, c = results["config"], results["compression"]
+    settings = {k: resolved[k] for k in ("model", "method", "allocation", "calib", "ratio", "seed", "dtype")}
+    settings["achieved_ratio_targeted"] = c["achieved_ratio_targeted"]
+    ranks = {k: v for k, v in c["ranks"].items() if v is not None}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: save_compressed(model, tokenizer, tmp, ranks, settings), "checkpoint_write",
+                 replace_folder=True)
+    return str(target)
 
 
 # ----------------------------------------------------------------------------------------------- loading

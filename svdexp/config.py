@@ -30,6 +30,9 @@ from svdexp.allocation import ALLOCATIONS
 from svdexp.errors import ConfigError
 from svdexp.methods import METHODS, Options
 
+# The config tree lives at the repository's top level (conf/); the package is installed editable from there.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
 
 @dataclass
 class ModelConfig:
@@ -412,8 +415,9 @@ def foreign_option_error(group: str, name: str, key: str, value: Any) -> ConfigE
     shown = "" if value is MISSING else f"={value!r}"
     return ConfigError(
         f"{name} has no option {key} ({group}.{key}{shown} would be ignored); {mine}. {key} is an option of "
-        f"{', '.join(owners)} only; a sweep over several {'policies' if group == 'allocation' else 'methods'} sets it in a grid of those that "
-        f"have it (one grid per {group} in a sweep file, as sweeps/frontier.yaml does for method.groups).")
+        f"{', '.join(owners)} only; a sweep over several {'policies' if group == 'allocation' else 'methods'} "
+        f"sets it in a grid of those that have it (one grid per {group} in a sweep file, as sweeps/frontier.yaml "
+        "does for method.groups).")
 
 
 def _validate_options(cfg, group: str) -> None:
@@ -437,11 +441,9 @@ def _validate_options(cfg, group: str) -> None:
 
 def _chosen_members(group: str, overrides: list) -> list[str] | None:
     """The names of the ``group`` members (methods, policies) a command line chooses: every one of a multirun
-    list (``method=svd_llm,adasvd``), else the config's default; ``None`` when that cannot be told without
-    composing (a glob, an unreadable config)."""
+    list (``method=svd_llm,adasvd``, ``method=glob(*)``), else the config's default; ``None`` when that cannot be
+    told without composing (an unreadable config file: Hydra will say why)."""
     from hydra.core.override_parser.types import Glob
-
-    from svdexp.app import CONFIG_DIR   # the app knows where conf/ is; it calls this before Hydra composes
 
     def values(override) -> list[str]:
         if not override.is_sweep_override():
@@ -540,7 +542,6 @@ def validate(cfg, output_dir: str | Path | None = None) -> None:
 
     from svdexp.data import DATASETS
     from svdexp.models.loading import DTYPES
-    from svdexp.published import PUBLISHED
 
     unknown = _unknown_in(cfg)
     if unknown:
@@ -576,8 +577,6 @@ def validate(cfg, output_dir: str | Path | None = None) -> None:
     _name("logger.entity", cfg.logger.entity, optional=True)
     _name("logger.group", cfg.logger.group, optional=True)
     _name("sweep.name", cfg.sweep.name, optional=True)
-    if cfg.sweep.paper_table is not None:
-        _choice("sweep.paper_table", cfg.sweep.paper_table, sorted(PUBLISHED))
     if cfg.sweep.reuse not in ("any", "same_code"):
         raise ConfigError(f"sweep.reuse={cfg.sweep.reuse!r} is not allowed; choose one of: any, same_code. With "
                           "any (the default) a finished job whose resolved config is the same is reused whatever "

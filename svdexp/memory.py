@@ -24,17 +24,14 @@ disk) and refuses a run that fits neither, before anything is loaded.
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
 
 import torch
 
+from svdexp.cache.budget import cache_root
+from svdexp.cache.scratch import scratch_root
 from svdexp.errors import ConfigError
 
 GB = 1e9
@@ -101,12 +98,12 @@ def model_config(model_cfg):
     """The transformers config of a ``model`` config group, read without weights."""
     from transformers import AutoConfig
 
-    from svdexp.models.loading import cache_dir, packaged_file, resolve_path
+    from svdexp.models.loading import packaged_file, resolve_path
 
     if model_cfg.source == "tiny_random":
         return AutoConfig.for_model(model_cfg.family, **dict(model_cfg.tiny))
     if model_cfg.source == "gguf_package":
-        converted = cache_dir() / "models" / model_cfg.name
+        converted = cache_root() / "models" / model_cfg.name
         if (converted / "config.json").is_file():
             return AutoConfig.from_pretrained(str(converted))
         gguf = packaged_file(model_cfg.package, model_cfg.gguf_file)
@@ -155,9 +152,11 @@ def _statistics(cfg, shape: ModelShape, needs: frozenset[str]) -> int:
     return total
 
 
-def estimate(cfg, shape: ModelShape, needs: frozenset[str], activations: str, runtime: int | None = None) -> Estimate:
+def estimate(cfg, shape: ModelShape, needs: frozenset[str], activations: str, runtime: int | None = None,
+             text_chars: int | None = None) -> Estimate:
     """The peaks of the run ``cfg`` on a model of ``shape`` with the method's statistics ``needs``, activations
-    in ``activations`` (``memory`` or ``disk``)."""
+    in ``activations`` (``memory`` or ``disk``); ``runtime`` and ``text_chars`` (the longest text tokenised) are
+    measured here unless given."""
     from svdexp.data.sources import load_text
 
     byte = DTYPE_BYTES[cfg.dtype]
@@ -168,7 +167,9 @@ def estimate(cfg, shape: ModelShape, needs: frozenset[str], activations: str, ru
     terms = {"runtime": process_rss() if runtime is None else runtime,
              "weights": shape.params * byte, "load": shape.largest_param * byte}
     texts = {(name, "test") for name in cfg.eval.ppl.datasets} | ({(cfg.calib.dataset, "train")} if compressing else set())
-    terms["tokens"] = max((len(load_text(*text)) for text in texts), default=0) * TOKENIZE_BYTES_PER_CHAR
+    if text_chars is None:
+        text_chars = max((len(load_text(*text)) for text in texts), default=0)
+    terms["tokens"] = text_chars * TOKENIZE_BYTES_PER_CHAR
     act = 2 * samples * length * shape.hidden * byte if compressing else 0
     scratch = act if activations == "disk" else 0
     terms["activations"] = act if activations == "memory" else 0
@@ -183,12 +184,14 @@ def estimate(cfg, shape: ModelShape, needs: frozenset[str], activations: str, ru
         ppl_batch * ppl_len * (3 * inter + 6 * shape.hidden) * byte + 2 * ppl_batch * shape.heads * ppl_len ** 2 * 4
         + 3 * ppl_len * shape.vocab * 4,
         (zs.batch_size * 3 * shape.vocab * 4 * 512) if zs.tasks else 0)
-    calibration = terms["activations"] + terms["layer_pass"] + terms["statistics"]
-    compression = terms["statistics"] * 2 + terms["decomposition"] + terms["activations"] * ("H_prefix" in needs)
+    on_gpu = str(cfg.device).startswith("cuda")
+    host_act = 0 if on_gpu else terms["activations"]        # on a GPU, activations in memory live on the device
+    calibration = host_act + terms["layer_pass"] * (not on_gpu) + terms["statistics"]
+    compression = terms["statistics"] * 2 + terms["decomposition"] + host_act * ("H_prefix" in needs)
     host = (terms["runtime"] + terms["weights"] + terms["load"]
-            + max(terms["tokens"], calibration, compression, terms["evaluation"]))
+            + max(terms["tokens"], calibration, compression, 0 if on_gpu else terms["evaluation"]))
     device = 0
-    if str(cfg.device).startswith("cuda"):
+    if on_gpu:
         layer = sum(m * n for m, n in shape.layer_matrices) * byte
         device = max(layer + terms["activations"] + terms["layer_pass"] + terms["statistics"] * 2
                      + terms["decomposition"], terms["weights"] + terms["evaluation"])
@@ -233,51 +236,6 @@ def plan(cfg, needs: frozenset[str], runtime: int | None = None) -> Estimate:
                 f"available) but {scratch_root()} has {_gb(free)} free; lower calib.num_samples or calib.seq_len, "
                 "or point $SVDEXP_CACHE at a larger disk.")
     return chosen
-
-
-# ----------------------------------------------------------------------------------------------- disk scratch
-
-
-def scratch_root() -> Path:
-    from svdexp.models.loading import cache_dir
-
-    return cache_dir() / "scratch"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_scratch(dry_run: bool = False) -> list[tuple[Path, int]]:
-    """Remove the activation files of runs that are gone (killed: the name carries this host and the pid) and
-    return them with their sizes; with ``dry_run`` only list them."""
-    root, host, stale = scratch_root(), os.uname().nodename, []
-    for path in sorted(root.glob("activations-*.bin")) if root.is_dir() else []:
-        owner, _, rest = path.name.removeprefix("activations-").rpartition("-")[0].rpartition("-")
-        if owner == host and rest.isdigit() and not _alive(int(rest)):
-            stale.append((path, path.stat().st_size))
-            if not dry_run:
-                path.unlink(missing_ok=True)
-    return stale
-
-
-@contextmanager
-def scratch_file() -> Iterator[Path]:
-    """A fresh path for a memory-mapped activation file under ``$SVDEXP_CACHE/scratch``, removed on exit (also
-    after a failure); a killed run's file is removed by the next run (:func:`clean_scratch`)."""
-    root = scratch_root()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"activations-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def peaks(device: torch.device) -> dict:

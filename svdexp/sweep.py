@@ -70,9 +70,10 @@ def check_grid(overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from svdexp.app import CONFIG_DIR
-    from svdexp.config import validate
+    from svdexp.config import CONFIG_DIR, register_configs, validate
+    from svdexp.report.published import check_paper_table
 
+    register_configs()
     first = [o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "=" in o else o for o in overrides]
     first = [o for o in first if not o.startswith("hydra")]
     try:
@@ -81,6 +82,7 @@ def check_grid(overrides: list[str]) -> None:
     except HydraException as err:
         raise ConfigError(f"sweep job overrides {first} are invalid: {err}") from None
     validate(cfg)
+    check_paper_table(cfg.sweep.paper_table)
 
 
 def commands(sweep: dict, extra: list[str]) -> list[list[str]]:

@@ -31,6 +31,8 @@ import hydra._internal.utils as hydra_utils
 import pytest
 import torch
 
+from svdexp.app import OFFLINE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Hydra prints a configuration error and exits unless it believes a debugger is attached, which it infers from
@@ -43,14 +45,13 @@ TINY = ["model=tiny_random", "logger=none", "calib.num_samples=4", "calib.seq_le
         "eval.ppl.max_chunks=2", "eval.ppl.seq_len=64"]
 
 # Offline, W&B disabled, no progress bars: for this process (in-process runs) and every process it starts.
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
-os.environ.update(OFFLINE)
+TEST_ENV = {**OFFLINE, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
+os.environ.update(TEST_ENV)
 
 
 def offline_env(**extra: str) -> dict[str, str]:
     """The environment of a process a test starts: this one's (its $SVDEXP_CACHE included) plus ``extra``."""
-    return {**os.environ, **OFFLINE, **extra}
+    return {**os.environ, **TEST_ENV, **extra}
 
 
 @dataclass
@@ -104,14 +105,14 @@ def svdexp_run(tmp_path):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty $SVDEXP_CACHE with the default budget and a fresh run state, dropped afterwards."""
-    from svdexp import cache_budget
+    from svdexp.cache import budget
 
     monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(cache_budget.ENV_MAX_GB, raising=False)
-    cache_budget.install_budget()
+    monkeypatch.delenv(budget.ENV_MAX_GB, raising=False)
+    budget.install_budget()
     yield tmp_path / "cache"
-    cache_budget._RUN.close()
-    cache_budget._RUN = None
+    budget._RUN.close()
+    budget._RUN = None
 
 
 # -- the test run: a cache of its own, one core per xdist worker ------------------------------------------
@@ -181,7 +182,7 @@ def smollm2() -> SmolLM2:
     run's $SVDEXP_CACHE (the app's runs of ``model=smollm2_135m`` then load that folder), and loaded once."""
     from hydra import compose, initialize_config_dir
 
-    from svdexp.app import CONFIG_DIR
+    from svdexp.config import CONFIG_DIR
     from svdexp.models import load_model
     from svdexp.models.loading import resolve_path
 

@@ -66,12 +66,13 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def tiny_config(family: str):
-    """The config of the tiny ``family`` model (random weights come from :func:`tiny_model`)."""
+def tiny_config(family: str, **overrides):
+    """The config of the tiny ``family`` model (random weights come from :func:`tiny_model`); ``overrides``
+    replace fields (e.g. a smaller ``vocab_size`` where no tokenizer drives the model)."""
     from transformers import AutoConfig
 
     spec = FAMILIES[family]
-    fields = {k: v for k, v in {**SIZES, **spec.fields}.items() if k not in spec.drop}
+    fields = {k: v for k, v in {**SIZES, **spec.fields, **overrides}.items() if k not in spec.drop}
     return AutoConfig.for_model(family, **fields)
 
 

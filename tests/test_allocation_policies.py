@@ -173,23 +173,25 @@ def test_tiny_global_is_deterministic_without_the_svd_cache(tmp_path, fresh_cach
 @pytest.mark.parametrize("policy,cache_svd,propagate,memo", [
     ("v2", False, "original", True), ("v2", True, "original", False), ("uniform", False, "original", False),
     ("erank", False, "compressed", False)])
-def test_the_runner_makes_an_svd_memo_only_for_a_spectral_policy_without_the_svd_cache(
+def test_the_allocation_step_makes_an_svd_memo_only_for_a_spectral_policy_without_the_svd_cache(
         monkeypatch, policy, cache_svd, propagate, memo):
     import tempfile
+    from pathlib import Path
     from types import SimpleNamespace
     from omegaconf import OmegaConf
-    from svdexp import runner
+    from svdexp.allocation import ranks
+    from svdexp.cache.store import SVDCache
     made, make = [], tempfile.TemporaryDirectory
 
     def recorded(**kwargs):
         made.append(make(**kwargs))
         return made[-1]
-    monkeypatch.setattr(runner.tempfile, "TemporaryDirectory", recorded)
+    monkeypatch.setattr(ranks.tempfile, "TemporaryDirectory", recorded)
     cfg = OmegaConf.create({"allocation": {"name": policy}, "method": {"propagate": propagate},
                             "calib": {"cache_svd": cache_svd}})
     ctx = SimpleNamespace(fingerprint="model", device=torch.device("cpu"))
-    svds = runner.SVDCache("model") if cache_svd and propagate == "original" else None   # ctx.svd_cache
-    with runner._provider(cfg, ctx, {}, svds) as provider:
+    svds = SVDCache("model") if cache_svd and propagate == "original" else None   # ctx.svd_cache
+    with ranks.decompositions(cfg, ctx, {}, svds) as provider:
         assert len(made) == memo
         assert provider is svds if not memo else str(provider.root) == made[0].name
-    assert not memo or not runner.Path(made[0].name).exists()
+    assert not memo or not Path(made[0].name).exists()

@@ -13,14 +13,19 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, run_svdexp
-from svdexp.app import CONFIG_DIR
-from svdexp.data import calibration_batch, eval_chunks, load_text, tokenize_text
+from svdexp.config import CONFIG_DIR
+from svdexp.data import calibration_batch, eval_chunks, load_text, run_tokens, tokenize_text
 from svdexp.data.sampling import adds_bos
 from svdexp.errors import ConfigError
 from svdexp.models.loading import _packaged_tokenizer
-from svdexp.runner import tokens
+from svdexp.runner import compressing
 
 TINY_MODEL = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+
+
+def tokens(cfg, tokenizer, bos_only: bool = False):
+    """The token sets of the run ``cfg``, as the runner makes them."""
+    return run_tokens(cfg, tokenizer, compressing(cfg), bos_only)
 
 
 def smollm2_tokenizer():

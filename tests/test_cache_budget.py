@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdexp import cache_budget
-from svdexp.cache import has_tensor_entry, load_tensor_entry, store_tensor_entry
+from svdexp.cache import budget
+from svdexp.cache.store import has_tensor_entry, load_tensor_entry, store_tensor_entry
 from svdexp.errors import ConfigError
 
 from conftest import ROOT, TINY, offline_env, read_results, run_process, run_svdexp
@@ -52,7 +52,7 @@ def test_budget_evicts_least_recently_used_first_never_this_runs_entries(cache, 
     for name in "abc":
         assert store_tensor_entry("svd", key(name), tensors(1.0), {"model": "m"})
     # a later run, whose budget holds three entries and a half
-    cache_budget.install_budget(3.5 * (ENTRY + 400) / cache_budget.GB)
+    budget.install_budget(3.5 * (ENTRY + 400) / budget.GB)
     set_last_use(path(cache, "svd", key("a")), 10)
     set_last_use(path(cache, "svd", key("b")), 5)
     set_last_use(path(cache, "svd", key("c")), 2)
@@ -77,56 +77,55 @@ def test_budget_evicts_least_recently_used_first_never_this_runs_entries(cache, 
     assert all(path(cache, "svd", key(n)).exists() for n in "ade")
     warnings = [r for r in caplog.records if "budget" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
-    assert cache_budget.current_run().evicted == 2
+    assert budget.current_run().evicted == 2
     assert not list(cache.rglob(".*"))                                 # no temporary file anywhere
 
 
 def test_entries_other_jobs_used_recently_are_kept(cache):
     """Another job of the sweep may be between writing and reading an entry: used within RECENT_USE_S, it stays."""
     assert store_tensor_entry("svd", key("a"), tensors(1.0), {"model": "m"})
-    cache_budget.install_budget(1.5 * (ENTRY + 400) / cache_budget.GB)     # a new run: a is not its own
-    set_last_use(path(cache, "svd", key("a")), cache_budget.RECENT_USE_S / DAY / 2)
+    budget.install_budget(1.5 * (ENTRY + 400) / budget.GB)     # a new run: a is not its own
+    set_last_use(path(cache, "svd", key("a")), budget.RECENT_USE_S / DAY / 2)
     assert not store_tensor_entry("svd", key("b"), tensors(2.0), {"model": "m"})
     assert path(cache, "svd", key("a")).exists() and not path(cache, "svd", key("b")).exists()
-    set_last_use(path(cache, "svd", key("a")), 2 * cache_budget.RECENT_USE_S / DAY)
-    cache_budget.install_budget(1.5 * (ENTRY + 400) / cache_budget.GB)
+    set_last_use(path(cache, "svd", key("a")), 2 * budget.RECENT_USE_S / DAY)
+    budget.install_budget(1.5 * (ENTRY + 400) / budget.GB)
     assert store_tensor_entry("svd", key("b"), tensors(2.0), {"model": "m"})
     assert not path(cache, "svd", key("a")).exists()
 
 
 def test_statistics_that_do_not_fit_are_kept_for_the_run(cache):
     """The statistics store reads back what it wrote: a skipped entry is kept aside for this run only."""
-    cache_budget.install_budget(1e-6)                                  # 1 kB
+    budget.install_budget(1e-6)                                  # 1 kB
     key_ = key("5")
     assert not store_tensor_entry("stats", key_, tensors(7.0), {"model": "m"})
     assert not path(cache, "stats", key_).exists()
     assert has_tensor_entry("stats", key_)
     assert torch.equal(load_tensor_entry("stats", key_)["x"], tensors(7.0)["x"])
-    spill_dir = cache_budget.current_run().spill_dir()
+    spill_dir = budget.current_run().spill_dir()
     assert list(spill_dir.iterdir())
-    cache_budget.install_budget()                                      # the next run starts clean
+    budget.install_budget()                                      # the next run starts clean
     assert not spill_dir.exists()
     assert not has_tensor_entry("stats", key_) and load_tensor_entry("stats", key_) is None
 
 
 def test_budget_setting_config_then_environment_then_20(monkeypatch):
-    assert cache_budget.resolve_max_gb(None) == (20.0, "default")
-    monkeypatch.setenv(cache_budget.ENV_MAX_GB, "0.5")
-    assert cache_budget.resolve_max_gb(None) == (0.5, cache_budget.ENV_MAX_GB)
-    assert cache_budget.resolve_max_gb(3) == (3.0, "cache.max_gb")
-    assert cache_budget.install_budget(None).budget == 0.5e9
+    assert budget.resolve_max_gb(None) == (20.0, "default")
+    monkeypatch.setenv(budget.ENV_MAX_GB, "0.5")
+    assert budget.resolve_max_gb(None) == (0.5, budget.ENV_MAX_GB)
+    assert budget.resolve_max_gb(3) == (3.0, "cache.max_gb")
+    assert budget.install_budget(None).budget == 0.5e9
     for bad in ("abc", "0", "-1", "nan"):
-        monkeypatch.setenv(cache_budget.ENV_MAX_GB, bad)
-        with pytest.raises(ConfigError, match=cache_budget.ENV_MAX_GB):
-            cache_budget.resolve_max_gb(None)
+        monkeypatch.setenv(budget.ENV_MAX_GB, bad)
+        with pytest.raises(ConfigError, match=budget.ENV_MAX_GB):
+            budget.resolve_max_gb(None)
 
 
-def test_cache_root_is_the_loaders_cache_dir(monkeypatch, tmp_path):
-    from svdexp.models.loading import cache_dir
-
-    assert cache_budget.cache_root() == cache_dir()
+def test_cache_root_is_svdexp_cache_else_the_home_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path))
+    assert budget.cache_root() == tmp_path
     monkeypatch.delenv("SVDEXP_CACHE")
-    assert cache_budget.cache_root() == cache_dir()
+    assert budget.cache_root() == Path.home() / ".cache" / "svdexp"
 
 
 def test_a_disk_full_write_is_skipped_once_with_no_temporary_file(cache, caplog):
@@ -138,7 +137,7 @@ def test_a_disk_full_write_is_skipped_once_with_no_temporary_file(cache, caplog)
 
     with caplog.at_level(logging.WARNING, logger="svdexp.cache"):
         for name in "ab":
-            assert not cache_budget.write_entry(cache, "svd", key(name), path(cache, "svd", key(name)), 1000, full)
+            assert not budget.write_entry(cache, "svd", key(name), path(cache, "svd", key(name)), 1000, full)
     assert len([r for r in caplog.records if "no room" in r.getMessage()]) == 1
     assert not [p for p in cache.rglob("*") if p.is_file()]
 
@@ -147,14 +146,14 @@ def test_a_disk_full_write_is_skipped_once_with_no_temporary_file(cache, caplog)
         raise PermissionError(errno.EACCES, "Permission denied")
 
     with pytest.raises(PermissionError):                               # any other error is raised, still clean
-        cache_budget.write_entry(cache, "svd", key("c"), path(cache, "svd", key("c")), 10, denied)
+        budget.write_entry(cache, "svd", key("c"), path(cache, "svd", key("c")), 10, denied)
     assert not [p for p in cache.rglob("*") if p.is_file()]
 
 
 EFBIG_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))    # writes past 64 kB: EFBIG (SIGXFSZ ignored)
-    from svdexp.cache import load_json_entry, load_tensor_entry, store_json_entry, store_tensor_entry
+    from svdexp.cache.store import load_json_entry, load_tensor_entry, store_json_entry, store_tensor_entry
     big = {"x": torch.arange(100_000, dtype=torch.float64)}
     assert not store_tensor_entry("svd", "a" * 32, big, {"model": "m"})
     assert not store_tensor_entry("svd", "b" * 32, big, {"model": "m"})
@@ -193,7 +192,7 @@ def _tiny_svd_llm(tmp_path, name: str, *args: str, preexec=None) -> tuple[str, d
     cache = tmp_path / f"cache_{name}"
     if preexec is None:
         with pytest.MonkeyPatch.context() as env:
-            env.delenv(cache_budget.ENV_MAX_GB, raising=False)
+            env.delenv(budget.ENV_MAX_GB, raising=False)
             proc = run_svdexp(overrides, tmp_path / name, cache)
     else:
         proc = run_process(overrides, tmp_path / name, cache, preexec=preexec)
@@ -212,9 +211,9 @@ def test_a_run_without_room_in_the_budget_equals_a_run_without_cache(tmp_path):
     """Through the app: a budget of 4 kB gives one warning, no crash, no temporary file, and the results of
     `calib.cache=false calib.cache_svd=false`."""
     _, reference = _tiny_svd_llm(tmp_path, "reference", "calib.cache=false", "calib.cache_svd=false")
-    output, budget = _tiny_svd_llm(tmp_path, "budget", "cache.max_gb=0.000004")
+    output, budgeted = _tiny_svd_llm(tmp_path, "budget", "cache.max_gb=0.000004")
     assert output.count("cache budget of 4e-06 GB") == 1, output[-3000:]
-    _same_results(budget, reference)
+    _same_results(budgeted, reference)
     # entries within 4 kB (+ models.json); a converted model or tokenizer (models/) is written outside the budget
     used = sum(p.stat().st_size for p in (tmp_path / "cache_budget").rglob("*")
                if p.is_file() and "models" not in p.relative_to(tmp_path / "cache_budget").parts)
@@ -234,7 +233,7 @@ def test_a_run_without_room_on_the_disk_equals_a_run_without_cache(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, time, torch
-    from svdexp.cache import store_tensor_entry
+    from svdexp.cache.store import store_tensor_entry
     value, start = float(sys.argv[1]), float(sys.argv[2])
     x = torch.full((1_000_000,), value, dtype=torch.float64)             # 8 MB: writes overlap
     while time.time() < start:
@@ -263,7 +262,7 @@ def test_two_processes_writing_the_same_key_leave_one_valid_entry(cache):
     files = [p.name for p in (cache / "svd").iterdir()]
     assert files == ["e" * 32 + ".safetensors"]                        # one entry, no temporary file
     # the next job finds it
-    probe = subprocess.run([sys.executable, "-c", "from svdexp.cache import load_tensor_entry; "
+    probe = subprocess.run([sys.executable, "-c", "from svdexp.cache.store import load_tensor_entry; "
                             "e = load_tensor_entry('svd', 'e' * 32); print(float(e['x'][-1]))"],
                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0 and probe.stdout.strip() in ("1.0", "2.0"), probe.stderr[-2000:]

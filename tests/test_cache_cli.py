@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdexp import cache_budget
-from svdexp.cache import note_responses, store_json_entry, store_tensor_entry
-from svdexp.cache_cli import main
+from svdexp.cache import budget
+from svdexp.cache.cli import main
+from svdexp.cache.store import note_responses, store_json_entry, store_tensor_entry
 
 from conftest import ROOT, offline_env
 
@@ -46,8 +46,8 @@ def populate(cache: Path) -> None:
     (cache / "models" / "model_a").mkdir(parents=True)
     (cache / "models" / "model_a" / "config.json").write_text("{}")
     (cache / "models" / "model_a" / "model.safetensors").write_bytes(b"w" * 5000)
-    cache_budget.note_model(FP_A, "model_a")
-    cache_budget.note_model(FP_B, "model_b")
+    budget.note_model(FP_A, "model_a")
+    budget.note_model(FP_B, "model_b")
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
@@ -72,9 +72,9 @@ def test_every_verb_works_on_an_empty_or_missing_cache(cache, capsys, missing):
 @pytest.mark.integration
 def test_console_script_on_an_empty_cache(cache):
     """The installed command (pyproject's [project.scripts]) or, if not reinstalled yet, its module."""
-    assert 'svdexp-cache = "svdexp.cache_cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'svdexp-cache = "svdexp.cache.cli:main"' in (ROOT / "pyproject.toml").read_text()
     exe = Path(sys.executable).with_name("svdexp-cache")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "svdexp.cache_cli"]
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "svdexp.cache.cli"]
     for verb in VERBS:
         proc = subprocess.run(base + verb, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, (verb, proc.stderr)
@@ -141,7 +141,7 @@ def test_clear_leaves_a_write_in_progress(cache, capsys):
     tmp.write_bytes(b"partial")
     code, out = cli(capsys, "clear")
     assert tmp.exists() and "kept 1 files being written" in out
-    old = time.time() - 2 * cache_budget.RECENT_USE_S
+    old = time.time() - 2 * budget.RECENT_USE_S
     os.utime(tmp, (old, old))                                          # left by a killed job
     code, out = cli(capsys, "clear", "--kind", "svd")
     assert not tmp.exists()

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
     OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from svdexp.checkpoint import CheckpointError, load_compressed, save_compressed
-from svdexp.lowrank import LowRankLinear, count_parameters, rank_for_ratio, weight_bytes
+from svdexp.compression.lowrank import LowRankLinear, count_parameters, rank_for_ratio, weight_bytes
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2")
 RATIO = 0.4
@@ -233,9 +233,8 @@ def test_remote_code_loads_without_svdexp(saved: dict, tmp_path: Path) -> None:
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     site_dirs = os.pathsep.join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
     out = tmp_path / "remote.safetensors"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}   # offline: conftest's TEST_ENV
     env["HF_HOME"] = str(tmp_path / "hf_home")  # the dynamic-module cache goes here, not into ~/.cache
-    env["HF_HUB_OFFLINE"] = "1"
     run = subprocess.run([sys.executable, "-I", "-S", "-c", REMOTE_SCRIPT, site_dirs, str(out),
                           "!" + str(broken), *[str(saved[f][2]) for f in families]],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -11,7 +11,6 @@ and load time, format-1 folders, the remote files' imports, and lm-eval's comman
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import os
 import re
@@ -24,11 +23,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
+import families
+from families import FAMILIES
 from svdexp.checkpoint import REMOTE_DIR, REMOTE_FILES, CheckpointError, load_compressed, save_compressed
-from svdexp.lowrank import LowRankLinear, rank_for_ratio
+from svdexp.compression.lowrank import LowRankLinear, rank_for_ratio
 
 RATIO = 0.4
 SETTINGS = {"method": "svd", "ratio": RATIO, "allocation": "uniform"}
@@ -37,49 +37,13 @@ TOLERANCE = 1e-5
 NEW_TOKENS = 4
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")   # model.layers.3.  transformer.h.3.  gpt_neox.layers.3.
 
-# Generic tiny sizes; each config class takes those of its fields (or attribute_map aliases) it has.
-SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 128,
-         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-# Per family: what the generic sizes do not cover (defaults that would make the model large or slow).
-FAMILIES: dict[str, dict] = {
-    "llama": {},
-    "mistral": {"tie_word_embeddings": True},
-    "qwen2": {},                                     # q/k/v with bias
-    "qwen3": {"head_dim": 16},
-    "gemma": {"head_dim": 16},                       # scaled embedding: a non-persistent buffer next to weights
-    "gemma2": {"head_dim": 16, "sliding_window": 4},                          # the 12-token batch slides
-    "gemma3_text": {"head_dim": 16, "sliding_window": 4, "num_hidden_layers": 3},
-    "phi": {},
-    "phi3": {},                                      # fused qkv_proj / gate_up_proj
-    "olmo2": {},
-    "granite": {},
-    "stablelm": {},
-    "starcoder2": {},
-    "cohere": {},
-    "gpt2": {},                                      # Conv1D (weight stored in x out), tied head
-    "gpt_neox": {},
-    "gptj": {"rotary_dim": 8},
-    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
-    "falcon": {},                                    # FalconLinear, a subclass of nn.Linear
-    "bloom": {},
-    "gpt_bigcode": {},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},          # 3-D experts stay dense
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
-    "qwen3_5_text": {"head_dim": 16, "num_hidden_layers": 4},               # gated delta net + attention layers
-}
+# The tiny models of tests/families.py (every family the suite runs), with a small vocabulary: these tests need no
+# tokenizer, and a 256-token head keeps each round trip well under a second.
+SMALL = {"vocab_size": VOCAB, "max_position_embeddings": 128}
 
 
 def tiny_config(family: str, **overrides):
-    """A tiny configuration of ``family`` with the generic sizes its config class understands."""
-    config_class = CONFIG_MAPPING[family]
-    known = {field.name for field in dataclasses.fields(config_class)} | set(config_class.attribute_map)
-    generic = {key: value for key, value in {**SIZES, **overrides}.items() if key in known}
-    sizes = {**generic, **FAMILIES[family], **overrides}   # the family's own fields are always passed
-    config = AutoConfig.for_model(family, **sizes)
-    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == \
-        (64, sizes["num_hidden_layers"], sizes["vocab_size"]), family
-    return config
+    return families.tiny_config(family, **SMALL, **overrides)
 
 
 def tiny_model(family: str, **overrides) -> nn.Module:
@@ -369,7 +333,7 @@ def test_lm_eval_command_line_scores_the_folder(family: str, tmp_path: Path) -> 
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from svdexp.app import CONFIG_DIR
+    from svdexp.config import CONFIG_DIR
     from svdexp.evaluation.harness import TASKS_DIR, summarize_results
     from svdexp.models import load_model
 
@@ -382,8 +346,7 @@ def test_lm_eval_command_line_scores_the_folder(family: str, tmp_path: Path) -> 
 
     task, limit, batch_size, max_length = "arc_easy_embedded", 8, 4, 512
     out = tmp_path / "lm_eval"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}   # offline: conftest's TEST_ENV
     run = subprocess.run([str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
                           f"pretrained={path},trust_remote_code=True,dtype=float32,max_length={max_length}",
                           "--include_path", str(TASKS_DIR), "--tasks", task, "--limit", str(limit),

@@ -52,6 +52,7 @@ INVALID = {
     "calib.cache": (["calib.cache=maybe"], "not a valid bool"),
     "calib.cache_svd": (["calib.cache_svd=maybe"], "not a valid bool"),
     "calib.bos": (["calib.bos=maybe"], "choose one of: auto, true, false"),
+    "calib.activations": (["calib.activations=swap"], "choose one of: auto, memory, disk"),
     "eval.ppl.datasets": (["eval.ppl.datasets=[wiki,imdb]"], "choose one of:"),
     "eval.ppl.seq_len": (["eval.ppl.seq_len=1"], "choose an integer >= 2"),
     "eval.ppl.max_chunks": (["eval.ppl.max_chunks=0"], "must be a positive integer"),

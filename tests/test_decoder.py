@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from families import FAMILIES, tiny_model
-from svdexp.calibration import capture_inputs, run_layer
+from svdexp.compression.calibration import capture_inputs, run_layer
 from svdexp.errors import ConfigError
 from svdexp.models.decoder import OVERRIDES, Override, discover, is_linear, weight_matrix
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import TINY, read_results, run_process, run_svdexp
-from svdexp.cache import load_tensor_entry
+from svdexp.cache.store import load_tensor_entry
 from svdexp.faults import STAGES
 
 pytestmark = pytest.mark.integration

@@ -57,14 +57,14 @@ def _reload_perplexity(model, results: dict, folder: Path) -> float:
     """The perplexity of ``model`` on the run's own evaluation chunks (rebuilt from its resolved config)."""
     from hydra import compose, initialize_config_dir
 
-    from svdexp.app import CONFIG_DIR
+    from svdexp.config import CONFIG_DIR
+    from svdexp.data import run_tokens
     from svdexp.evaluation.perplexity import perplexity
     from svdexp.models.loading import _load_tokenizer
-    from svdexp.runner import tokens
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*RUN, f"model.path={folder}", "model.name=x", "ratio=0"])
-    eval_sets, _ = tokens(cfg, _load_tokenizer(str(folder)))
+    eval_sets, _ = run_tokens(cfg, _load_tokenizer(str(folder)), compressing=False)
     return perplexity(model, eval_sets["wiki"], 8, torch.device("cpu"))["ppl"]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdexp.lowrank import LowRankLinear, count_parameters, rank_for_ratio
+from svdexp.compression.lowrank import LowRankLinear, count_parameters, rank_for_ratio
 
 
 @pytest.mark.parametrize("m,n,ratio", [(16, 12, 0.2), (576, 1536, 0.4), (192, 576, 0.6), (1536, 576, 0.8),

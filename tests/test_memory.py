@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 
 from conftest import TINY, read_results, run_svdexp
 from svdexp import memory
-from svdexp.app import CONFIG_DIR
-from svdexp.calibration import DiskActivations, capture_inputs
-from svdexp.lowrank import weight_bytes
+from svdexp.cache import scratch
+from svdexp.compression.calibration import DiskActivations, capture_inputs
+from svdexp.compression.lowrank import weight_bytes
+from svdexp.config import CONFIG_DIR
 from svdexp.runner import load_context
 
 
@@ -58,7 +59,7 @@ def test_activations_on_disk_give_the_digits_of_memory(tmp_path, extra):
     assert memory_run["memory"]["estimate"]["activations"] == "memory"
     assert disk_run["metrics"] == memory_run["metrics"]
     assert disk_run["compression"]["ranks"] == memory_run["compression"]["ranks"]
-    assert not list(memory.scratch_root().glob("*.bin"))            # the scratch file is gone after the run
+    assert not list(scratch.scratch_root().glob("*.bin"))            # the scratch file is gone after the run
 
 
 def test_results_carry_the_estimate_and_the_measured_peak(tmp_path):
@@ -82,28 +83,28 @@ def test_a_run_that_fits_nowhere_is_refused_before_any_work(tmp_path, fresh_cach
 
 def test_scratch_file_is_removed_after_a_failure_and_a_killed_runs_by_the_next(tmp_path):
     with pytest.raises(RuntimeError):
-        with memory.scratch_file() as path:
+        with scratch.scratch_file() as path:
             DiskActivations(path, 4, 2).put(0, 0, torch.ones(2, 3, 5))
             assert path.stat().st_size == 2 * 4 * 3 * 5 * 4
             raise RuntimeError("a failure mid-pass")
     assert not path.exists()
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())      # never a live process's id
-    leftover = memory.scratch_root() / f"activations-{os.uname().nodename}-{pid_max}-deadbeef.bin"
-    alive = memory.scratch_root() / f"activations-{os.uname().nodename}-{os.getpid()}-cafecafe.bin"
+    leftover = scratch.scratch_root() / f"activations-{os.uname().nodename}-{pid_max}-deadbeef.bin"
+    alive = scratch.scratch_root() / f"activations-{os.uname().nodename}-{os.getpid()}-cafecafe.bin"
     leftover.write_bytes(b"x" * 10)
     alive.write_bytes(b"y")
-    assert memory.clean_scratch(dry_run=True) == [(leftover, 10)] and leftover.exists()
+    assert scratch.clean_scratch(dry_run=True) == [(leftover, 10)] and leftover.exists()
     _run(tmp_path, "method=svd_llm", "ratio=0.2")                               # the next run cleans it
     assert not leftover.exists() and alive.exists()
     alive.unlink()
 
 
 def test_cache_clear_removes_a_killed_runs_activation_file(tmp_path):
-    from svdexp.cache_cli import main
+    from svdexp.cache.cli import main
 
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    memory.scratch_root().mkdir(parents=True, exist_ok=True)
-    leftover = memory.scratch_root() / f"activations-{os.uname().nodename}-{pid_max}-0badf00d.bin"
+    scratch.scratch_root().mkdir(parents=True, exist_ok=True)
+    leftover = scratch.scratch_root() / f"activations-{os.uname().nodename}-{pid_max}-0badf00d.bin"
     leftover.write_bytes(b"x" * 100)
     assert main(["clear", "--dry-run"]) == 0 and leftover.exists()
     assert main(["clear"]) == 0 and not leftover.exists()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdexp.calibration import MatrixStats, SiteStats
-from svdexp.statistics import StatsPlan
+from svdexp.compression.calibration import MatrixStats, SiteStats
+from svdexp.compression.statistics import StatsPlan
 from svdexp.methods import METHODS
 from svdexp.methods.adasvd import adasvd
 from svdexp.methods.asvd import asvd
@@ -18,7 +18,7 @@ from svdexp.methods.svd_llm import svd_llm
 
 M, N, T = 16, 12, 64
 DEFAULTS = {"propagate": "original", "damping": 1e-6, "update": "none", "alpha": 0.5, "fisher": "rows",
-            "iters": 1, "groups": 0, "beta": 0.05, "space": "plain"}
+            "iters": 1, "groups": 0, "beta": 0.05, "space": "plain", "solver": "svd"}   # the papers' path
 
 
 def _opts(**kw) -> dict:
@@ -261,7 +261,7 @@ def test_every_method_reconstructs_w_at_full_rank(case):
 ])
 def test_needs_depend_on_options(name, options, original, prefix, fisher):
     opts = _opts(**options)
-    plan = StatsPlan.for_run(METHODS[name], opts["propagate"], "uniform", opts)
+    plan = StatsPlan.for_run(METHODS[name], opts["propagate"], opts)
     assert (set(plan.original), set(plan.prefix), plan.fisher) == (original, prefix, fisher)
 
 
@@ -278,7 +278,7 @@ def test_needs_depend_on_options(name, options, original, prefix, fisher):
 def test_bad_method_options_are_rejected_by_name(override, bad, allowed):
     from hydra import compose, initialize_config_dir
 
-    from svdexp.app import CONFIG_DIR
+    from svdexp.config import CONFIG_DIR
     from svdexp.config import validate
     from svdexp.errors import ConfigError
 
@@ -296,7 +296,7 @@ def test_bad_method_options_are_rejected_by_name(override, bad, allowed):
 def test_method_yaml_composes_and_validates(name):
     from hydra import compose, initialize_config_dir
 
-    from svdexp.app import CONFIG_DIR
+    from svdexp.config import CONFIG_DIR
     from svdexp.config import validate
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -14,7 +14,8 @@ import math
 import pytest
 from hydra import compose, initialize_config_dir
 
-from svdexp.app import CONFIG_DIR
+from svdexp.app import job_threads
+from svdexp.config import CONFIG_DIR
 from svdexp.runner import run
 
 from conftest import TINY
@@ -34,7 +35,7 @@ CASES = {
 def test_method_runs_end_to_end(case, tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*TINY, *CASES[case], "ratio=0.4"])
-    run(cfg, tmp_path)
+    run(cfg, tmp_path, job_threads(cfg.threads))
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "done"
     assert r["compression"]["method"] == cfg.method.name

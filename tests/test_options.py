@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 from conftest import ROOT, TINY, run_svdexp
 from svdexp import app
 from svdexp.allocation import ALLOCATIONS
-from svdexp.config import OPTION_GROUPS, AllocationConfig, MethodConfig, options_schema, validate
+from svdexp.config import AllocationConfig, MethodConfig, options_schema, validate
 from svdexp.errors import ConfigError
 from svdexp.methods import METHODS, Method, Options, option
 
 REGISTRIES = {"method": METHODS, "allocation": ALLOCATIONS}
+COMPOSED = ["model=tiny_random", "logger=none"]   # for compose(): the default 32 samples (adasvd's 8 groups)
 
 # A valid value other than the default, per option: what a user would set. Every declared option has one (a new
 # option without one fails test_every_option_is_in_the_tables).
@@ -137,7 +138,7 @@ def test_resolved_config_is_what_it_was(group):
     assert choices == sorted(RESOLVED[group])
     with initialize_config_dir(config_dir=app.CONFIG_DIR, version_base="1.3"):
         for choice in choices:
-            cfg = compose("config", overrides=["logger=none", f"{group}={choice}"])
+            cfg = compose("config", overrides=[*COMPOSED, f"{group}={choice}"])
             node = OmegaConf.to_container(cfg[group], resolve=True)
             expected = {"name": choice, **base, **RESOLVED[group][choice]}
             assert list(node.items()) == list(expected.items()), choice
@@ -189,7 +190,7 @@ def test_an_option_of_another_method_in_the_composed_config_is_refused(group):
     """The same refusal when the value comes from a config file or the Python API (not the command line)."""
     with initialize_config_dir(config_dir=app.CONFIG_DIR, version_base="1.3"):
         for name in REGISTRIES[group]:
-            cfg = compose("config", overrides=[*TINY, f"{group}={name}"])
+            cfg = compose("config", overrides=[*COMPOSED, f"{group}={name}"])
             validate(cfg)   # its own defaults pass
             for key in sorted(declared(group) - set(options_of(group, name))):
                 bad = cfg.copy()
@@ -200,14 +201,14 @@ def test_an_option_of_another_method_in_the_composed_config_is_refused(group):
 
 
 def test_a_sweep_over_methods_refuses_an_option_only_one_has_before_its_first_job(tmp_path):
-    proc = run_svdexp(["-m", *TINY, "method=svd_llm,adasvd", "method.groups=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                      cache=tmp_path / "cache")
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    proc = run_svdexp(["-m", *TINY, "method=svd_llm,adasvd", "method.groups=0", sweep_dir], cache=tmp_path / "cache")
     assert proc.returncode == 2, proc.stderr[-2000:]
     refused(proc.stderr, "method", "svd_llm", "groups")
     assert "only; a sweep over several methods sets it in a grid of those that have it" in proc.stderr
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
-    proc = run_svdexp(["-m", *TINY, "allocation=glob(*)", "allocation.score=truncation_loss",
-                       f"hydra.sweep.dir={tmp_path / 'sweep'}"], cache=tmp_path / "cache")
+    proc = run_svdexp(["-m", *TINY, "allocation=glob(*)", "allocation.score=truncation_loss", sweep_dir],
+                      cache=tmp_path / "cache")
     assert proc.returncode == 2 and not (tmp_path / "sweep").exists()
     refused(proc.stderr, "allocation", "adacr", "score")
 
@@ -227,7 +228,7 @@ def test_a_value_of_the_wrong_type_from_the_python_api_is_refused(group):
     """Without Hydra's typed merge (a plain dict config), validation checks each option's type itself."""
     with initialize_config_dir(config_dir=app.CONFIG_DIR, version_base="1.3"):
         for key in sorted(declared(group)):
-            cfg = OmegaConf.to_container(compose("config", overrides=[*TINY, f"{group}={owner(group, key)}"]))
+            cfg = OmegaConf.to_container(compose("config", overrides=[*COMPOSED, f"{group}={owner(group, key)}"]))
             wrong = "3" if isinstance(VALID[group][key], (int, float)) else 3   # a number as text, or a number
             cfg[group][key] = wrong
             with pytest.raises(ConfigError, match=f"{group}.{key}={wrong!r} is not allowed; choose "):

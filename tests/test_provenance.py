@@ -20,8 +20,8 @@ import torch
 
 import svdexp
 from conftest import ROOT, TINY, read_results, run_svdexp
-from svdexp import provenance
-from svdexp.report import build_report
+from svdexp.record import provenance
+from svdexp.report.frame import build_report
 
 # TINY without its logger: the tests that need W&B choose it themselves.
 TINY_NO_LOGGER = [a for a in TINY if not a.startswith("logger=")]

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from svdexp.errors import ConfigError
-from svdexp.report import ReportCallback, build_report, main, make_label, scan, write_report
+from svdexp.report.frame import ReportCallback, build_report, main, make_label, scan, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_DEFAULTS = {"propagate": "original", "damping": 1e-6, "update": "none", "alpha": 0.5, "fisher": "rows",
@@ -243,7 +243,7 @@ def test_cli(smol_sweep: Path, tmp_path: Path, capsys):
     assert main([str(smol_sweep), "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^\| SVD-LLM +\| ", printed, re.M) and str(tmp_path / "o" / "report.md") in printed
-    assert 'svdexp-report = "svdexp.report:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'svdexp-report = "svdexp.report.frame:main"' in (ROOT / "pyproject.toml").read_text()
 
 
 def test_empty_sweep_raises(tmp_path: Path):
@@ -304,7 +304,7 @@ hydra:
     subdir: ${hydra:job.override_dirname}
   callbacks:
     report:
-      _target_: svdexp.report.ReportCallback
+      _target_: svdexp.report.frame.ReportCallback
 '''
 
 

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from svdexp.cache import SVDCache
-from svdexp.calibration import MatrixStats, SiteStats, capture_inputs, collect_layer
-from svdexp.statistics import StatsPlan
+from svdexp.cache.store import SVDCache
+from svdexp.compression.calibration import MatrixStats, SiteStats, capture_inputs, collect_layer
+from svdexp.compression.statistics import StatsPlan
 from svdexp.methods import METHODS
 from svdexp.methods.linalg import EIG_VECTORS, svd_provider, weight_in_use
 from svdexp.models.decoder import discover
@@ -201,7 +201,7 @@ def test_the_spectral_policies_decompose_what_svd_llm_reads(tmp_path, monkeypatc
 ])
 def test_needs_under_the_auto_solver(name, options, original, prefix):
     opts = {"propagate": "original", "update": "none", **options}
-    plan = StatsPlan.for_run(METHODS[name], opts["propagate"], "uniform", opts)
+    plan = StatsPlan.for_run(METHODS[name], opts["propagate"], opts)
     assert (set(plan.original), set(plan.prefix)) == (original, prefix)
 
 
@@ -240,7 +240,7 @@ def test_collector_gathers_c_out_of_wide_matrices_and_h_only_where_needed(family
 def _compose(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from svdexp.app import CONFIG_DIR
+    from svdexp.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("config", overrides=[*TINY, "calib.cache=false", "eval.dense_baseline=false",
@@ -261,12 +261,13 @@ PIPELINE = {
 
 @pytest.mark.parametrize("case", list(PIPELINE))
 def test_every_method_runs_with_the_auto_solver(case, tmp_path, monkeypatch):
+    from svdexp.app import job_threads
     from svdexp.runner import run
 
     monkeypatch.setenv("SVDEXP_CACHE", str(tmp_path / "cache"))
     for sub in ("auto", "svd"):
         (tmp_path / sub).mkdir()
-    run(_compose(*PIPELINE[case], "method.solver=auto"), tmp_path / "auto")
+    run(_compose(*PIPELINE[case], "method.solver=auto"), tmp_path / "auto", job_threads(None))
     r = json.loads((tmp_path / "auto" / "results.json").read_text())
     assert r["status"] == "done" and r["config"]["method"]["solver"] == "auto"
     assert 0.4 <= r["compression"]["achieved_ratio_targeted"] < 0.5
@@ -275,7 +276,7 @@ def test_every_method_runs_with_the_auto_solver(case, tmp_path, monkeypatch):
         # only the output Gram of the wide matrices and H where a tall matrix reads it: no H at down_proj
         assert r["compression"]["statistics"]["computed"] == ["C_out", "H_tall"]
         assert r["compression"]["damped_sites"] == {}
-        run(_compose(*PIPELINE[case], "method.solver=svd"), tmp_path / "svd")
+        run(_compose(*PIPELINE[case], "method.solver=svd"), tmp_path / "svd", job_threads(None))
         ref = json.loads((tmp_path / "svd" / "results.json").read_text())
         for name, ppl in ref["metrics"]["ppl"].items():
             assert abs(r["metrics"]["ppl"][name] / ppl - 1) < 0.005, (name, r["metrics"]["ppl"][name], ppl)

@@ -8,11 +8,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from svdexp.app import CONFIG_DIR
-from svdexp.compress import compress_model, target_shapes
+from svdexp.allocation import policy_needs
+from svdexp.compression.compress import compress_model, target_shapes
+from svdexp.compression.statistics import LayerStatsStore, RunStatistics, StatsPlan
+from svdexp.config import CONFIG_DIR
 from svdexp.methods import METHODS
-from svdexp.runner import _compress, load_context
-from svdexp.statistics import LayerStatsStore, RunStatistics, StatsPlan
+from svdexp.runner import compress, load_context
 
 from conftest import TINY
 
@@ -31,7 +32,7 @@ def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, mon
     for depth in (4, 32):
         cfg, ctx = setup_run(f"method={method}", f"method.solver={solver}", "ratio=0.4", "allocation=adacr",
                              f"model.tiny.num_hidden_layers={depth}", "calib.cache=false")
-        plan = StatsPlan.for_run(METHODS[method], "original", "adacr", ctx.options)
+        plan = StatsPlan.for_run(METHODS[method], "original", ctx.options, policy=policy_needs("adacr"))
         shapes = target_shapes(ctx.model, ctx.decoder)
         with RunStatistics(ctx, plan) as stats:
             store = stats.store
@@ -52,7 +53,7 @@ def test_statistics_held_during_compression_do_not_grow_with_depth(tmp_path, mon
 
 
 def test_store_answers_one_layer_and_keeps_scalars_in_memory(tmp_path):
-    from svdexp.calibration import LayerStats, SiteStats
+    from svdexp.compression.calibration import LayerStats, SiteStats
 
     layers = [LayerStats({"a": SiteStats({"H": torch.full((3, 3), float(i), dtype=torch.float64)})}, cosine=0.1 * i)
               for i in range(5)]
@@ -88,12 +89,13 @@ def test_cache_off_and_on_give_bit_identical_factors(tmp_path, monkeypatch, over
     results = {}
     for name, cache in (("off", "false"), ("cold", "true"), ("warm", "true")):
         cfg, ctx = setup_run(*overrides, "ratio=0.4", f"calib.cache={cache}", "calib.cache_svd=false")
-        _, record = _compress(cfg, ctx, target_shapes(ctx.model, ctx.decoder))
+        _, record = compress(cfg, ctx, target_shapes(ctx.model, ctx.decoder))
         results[name] = (record["statistics"], ctx.model.state_dict())
         if name == "off":      # its private directory: nothing in the shared cache
             assert not (tmp_path / "cache" / "stats").exists()
-    wanted = sorted(StatsPlan.for_run(METHODS[cfg.method.name], "original", cfg.allocation.name,
-                                      OmegaConf.to_container(cfg.method, resolve=True)).original)
+    wanted = sorted(StatsPlan.for_run(METHODS[cfg.method.name], "original",
+                                      OmegaConf.to_container(cfg.method, resolve=True),
+                                      policy=policy_needs(cfg.allocation.name)).original)
     assert results["off"][0] == {"cached": [], "computed": wanted}
     assert results["warm"][0] == {"cached": wanted, "computed": []}
     assert set(wanted) <= set(results["cold"][0]["computed"])

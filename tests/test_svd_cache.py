@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from svdexp.cache import SVDCache
+from svdexp.cache.store import SVDCache
 from svdexp.methods import METHODS
 from svdexp.methods.linalg import Recipe, damped_cholesky, svd_provider, thin_svd, weight_in_use
 from test_sweep import run

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
+import json
+import math
+import pathlib
+import socket
 
-# Fully offline (read at import time by huggingface_hub / datasets).
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HF_HUB_OFFLINE"] = "1"
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import socket  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from svdexp.evaluation.harness import (  # noqa: E402
+from svdexp.evaluation.harness import (
     EMBEDDED_TASKS,
     TASK_SETS,
     TASKS_DIR,

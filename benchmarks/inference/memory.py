@@ -11,7 +11,7 @@ from benchmarks.inference.models import DTYPES, Runner, load_for_bench
 
 def memory_worker(spec: dict) -> dict:
     """Peak memory of one model (its own process): after loading, through one prefill and one generation."""
-    from svdexp.lowrank import count_parameters, weight_bytes
+    from svdexp.compression.lowrank import count_parameters, weight_bytes
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

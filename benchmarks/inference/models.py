@@ -38,8 +38,8 @@ def build_checkpoints(dense: str, ratios: list[float], cache: Path, rebuild: boo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from svdexp.checkpoint import save_compressed
-    from svdexp.compress import target_shapes
-    from svdexp.lowrank import LowRankLinear, rank_for_ratio
+    from svdexp.compression.compress import target_shapes
+    from svdexp.compression.lowrank import LowRankLinear, rank_for_ratio
     from svdexp.methods.linalg import split_sqrt, truncated_svd
     from svdexp.models import discover
 
@@ -91,7 +91,7 @@ def load_for_bench(ratio: float, path: str, device: torch.device, dtype: torch.d
     from transformers import AutoModelForCausalLM
 
     from svdexp.checkpoint import load_compressed, low_rank_modules
-    from svdexp.compress import target_shapes
+    from svdexp.compression.compress import target_shapes
     from svdexp.models import discover
 
     if ratio == 0.0:

@@ -74,9 +74,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _run_worker(kind: str, spec: dict) -> dict:
     """Run ``--worker`` of ``kind`` in a fresh interpreter; return its JSON result."""
+    from svdexp.app import OFFLINE
+
     run = subprocess.run([sys.executable, "-m", "benchmarks.inference", "--worker", kind, "--spec", json.dumps(spec)],
                          capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, **OFFLINE, "TQDM_DISABLE": "1"})
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
         raise SystemExit(f"{kind} worker failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
@@ -91,11 +93,11 @@ def main(argv: list[str]) -> None:
         return
     import transformers
 
-    from svdexp.models.loading import cache_dir
+    from svdexp.cache.budget import cache_root
 
     started = time.perf_counter()
     name, dense = dense_source(args.model)
-    cache = args.cache or cache_dir() / "bench_inference" / name
+    cache = args.cache or cache_root() / "bench_inference" / name
     folders = build_checkpoints(dense, args.ratios, cache, args.rebuild)
     models = [(0.0, dense), *[(r, str(folders[r])) for r in args.ratios]]
     settings = {"device": args.device, "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,

@@ -99,7 +99,7 @@ def _call_us(make: Callable[[], nn.Module], x: torch.Tensor, device: torch.devic
 def single_token_layer_times(model: nn.Module, targets: set[str], ratios: list[float], device: torch.device,
                              dtype: torch.dtype) -> list[dict]:
     """Per distinct targeted shape: one-token time of the dense linear and of a low-rank one at each ratio."""
-    from svdexp.lowrank import LowRankLinear, rank_for_ratio
+    from svdexp.compression.lowrank import LowRankLinear, rank_for_ratio
 
     shapes = sorted({tuple(model.get_submodule(n).weight.shape) for n in targets}, reverse=True)
     rows = []

@@ -23,8 +23,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from svdexp.compression.lowrank import rank_for_ratio
 from svdexp.errors import ConfigError
-from svdexp.lowrank import rank_for_ratio
 from svdexp.methods import Options, option
 
 Shapes = list[dict[str, tuple[int, int]]]   # per decoder layer: matrix name -> (m, n)
@@ -192,7 +192,7 @@ class LastLayersOptions(Options):
 @register("last_layers", LastLayersOptions)
 def last_layers(ratio: float, shapes: Shapes, options: LastLayersOptions, importances=None) -> Allocation:
     """Compress only the last ``K`` layers, each at ``N * ratio / K``; the first ``N - K`` stay dense
-    (``num_layers: auto`` is resolved to a ``K`` by the runner before this is called)."""
+    (``num_layers: auto`` is resolved to a ``K`` by :func:`.ranks.allocate_ranks` before this is called)."""
     total = len(shapes)
     k_layers = options.num_layers
     check_last_layers(ratio, k_layers, total)

@@ -6,8 +6,8 @@ the parameter budget it has under ``uniform``, so only the split between layers 
 
 from __future__ import annotations
 
+from svdexp.compression.lowrank import rank_for_ratio
 from svdexp.errors import ConfigError
-from svdexp.lowrank import rank_for_ratio
 
 Member = tuple[str, int, int]   # matrix name, m, n
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 
 from svdexp.allocation import Spectrum, break_even
-from svdexp.calibration import MatrixStats
-from svdexp.compress import _site_stats
+from svdexp.compression.calibration import MatrixStats
+from svdexp.compression.compress import site_stats
+from svdexp.compression.statistics import RunStatistics
 from svdexp.context import RunContext
 from svdexp.methods.linalg import gram_truncation, weight_in_use
 from svdexp.methods.svd_llm import whitening
 from svdexp.models.decoder import weight_matrix
-from svdexp.statistics import RunStatistics
 
 
 def matrix_spectrum(W: torch.Tensor, stats: MatrixStats, first_order: bool) -> Spectrum:
@@ -42,7 +42,7 @@ def whitened_spectra(ctx: RunContext, stats: RunStatistics, first_order: bool = 
     for index, layer in enumerate(ctx.decoder.layers(ctx.model)):
         prefix = ctx.decoder.layer_prefix(index)
         with stats.policy_layer(index) as original:
-            sites = {site: _site_stats(original, None, "original", site, ctx.device)
+            sites = {site: site_stats(original, None, "original", site, ctx.device)
                      for site in (*ctx.decoder.sites(index), *ctx.decoder.targets(index))}
             for site, names in ctx.decoder.sites(index).items():
                 for t in names:

@@ -26,7 +26,7 @@ import math
 
 from svdexp.allocation import Allocation, Spectra, keep_from_ranks, register
 from svdexp.allocation.groups import by_type, proportional_shares, ranks_for_budget
-from svdexp.lowrank import rank_for_ratio
+from svdexp.compression.lowrank import rank_for_ratio
 
 
 def truncation_loss(lam, k: int) -> float:

@@ -1,4 +1,4 @@
-"""Tokenisation, calibration sampling and evaluation chunks."""
+"""Tokenisation, calibration sampling and evaluation chunks, and the token sets of a run (:func:`run_tokens`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 
 import torch
 
+from svdexp.data.sources import load_text
 from svdexp.errors import ConfigError
 
 
@@ -134,3 +135,26 @@ def strip_bos(tokenizer, ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
     if bos_id is not None and ids.numel() and int(ids[0]) == bos_id and adds_bos(tokenizer):
         return ids[1:]
     return ids
+
+
+def run_tokens(cfg, tokenizer, compressing: bool, bos_only: bool = False
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | dict[str, bool]:
+    """The perplexity chunks of every evaluation set of the run ``cfg``, and its calibration samples (None when
+    not ``compressing``), each starting with the BOS token where ``eval.ppl.bos`` / ``calib.bos`` say so (``true``
+    without a BOS token in the tokenizer: :class:`ConfigError`). ``bos_only``: only whether they do,
+    ``{"calib": .., "ppl": ..}``."""
+    ppl_bos = bos_token(tokenizer, "eval.ppl.bos", cfg.eval.ppl.bos)
+    calib_bos = bos_token(tokenizer, "calib.bos", cfg.calib.bos) if compressing else None
+    if bos_only:
+        return {"calib": calib_bos is not None, "ppl": ppl_bos is not None}
+
+    def text(dataset: str, split: str, bos: int | None) -> torch.Tensor:
+        return strip_bos(tokenizer, tokenize_text(tokenizer, load_text(dataset, split)), bos)
+
+    eval_sets = {name: eval_chunks(text(name, "test", ppl_bos), cfg.eval.ppl.seq_len, cfg.eval.ppl.max_chunks,
+                                   ppl_bos) for name in cfg.eval.ppl.datasets}
+    calib_ids = None
+    if compressing:
+        calib_ids = calibration_batch(text(cfg.calib.dataset, "train", calib_bos), cfg.calib.num_samples,
+                                      cfg.calib.seq_len, cfg.seed, calib_bos)
+    return eval_sets, calib_ids

@@ -249,14 +249,14 @@ def response_cache_path(fingerprint: str, dtype: str, device: str, batch_size: i
     torch versions, and ``extra`` (e.g. which of two evaluation paths, so that they never share answers)."""
     import lm_eval
 
-    from svdexp.cache import cache_key, note_responses
-    from svdexp.models.loading import cache_dir
+    from svdexp.cache.budget import cache_root
+    from svdexp.cache.store import cache_key, note_responses
 
     description = {"model": fingerprint, "dtype": dtype, "device": device, "batch_size": batch_size,
                    "max_length": max_length, **extra,
                    "lm_eval": getattr(lm_eval, "__version__", "?"), "torch": torch.__version__}
     key = cache_key(description)
-    folder = cache_dir() / "zeroshot_responses"
+    folder = cache_root() / "zeroshot_responses"
     folder.mkdir(parents=True, exist_ok=True)
     note_responses(key, description)   # <key>.json beside lm-eval's file: svdexp-cache shows and clears it by model
     return folder / key

@@ -1,8 +1,8 @@
 """Compression methods: each a pure function ``(W, stats, k, options) -> (A, B)``, registered by name with its
 options.
 
-``W`` is the ``m x n`` weight (float64), ``stats`` a :class:`~svdexp.calibration.SiteStats`-like mapping of the
-statistics the method declared it needs, ``k`` the rank. ``A`` is ``m x k``, ``B`` is ``k x n``.
+``W`` is the ``m x n`` weight (float64), ``stats`` a :class:`~svdexp.compression.calibration.SiteStats`-like
+mapping of the statistics the method declared it needs, ``k`` the rank. ``A`` is ``m x k``, ``B`` is ``k x n``.
 
 Each method's file declares its options beside its code: a frozen dataclass of :func:`option` fields (the
 default, what the option does, its allowed values or range), registered with the function (:func:`register`).
@@ -79,7 +79,8 @@ class Method:
     name: str
     fn: Callable[..., Factors] | None   # None for the dense baseline
     # statistics (H, H_tall, abs_mean, fisher, H_prefix, H_stack, C_out; where each is collected follows from its
-    # name and the matrices' shapes, see svdexp.calibration): a fixed set, or a function of the method's options
+    # name and the matrices' shapes, see svdexp.compression.calibration): a fixed set, or a function of the method's
+    # options
     needs: Needs = field(default_factory=frozenset)
     options: type[Options] = Options    # the method's options (the config's method.* keys besides name)
 

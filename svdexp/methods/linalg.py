@@ -5,7 +5,7 @@ Everything here works in float64; callers cast the factors back to the model's d
 
 The SVDs of matrices that do not depend on the rank (``W``, ``W S``, ``D W``, ...) are requested with a
 :class:`Recipe` (how the matrix is made from the weight being compressed): inside :func:`svd_provider` (the
-runner installs the on-disk cache of :mod:`svdexp.cache` there) a sweep over ratios decomposes each of them
+runner installs the on-disk cache of :mod:`svdexp.cache.store` there) a sweep over ratios decomposes each of them
 once. While the runner compresses a weight it names it with :func:`weight_in_use`; the provider can then key
 the matrix by that name and the recipe's small inputs instead of reading the whole matrix, and on a hit the
 matrix is never built.

@@ -9,7 +9,7 @@ Truncation-aware whitening: ``S = cholesky(H)`` (``H = X X^T = S S^T``), SVD of 
 of ``C = W H W^T`` (``A = U_k Sigma_k^1/2``, ``B = Sigma_k^-1/2 U_k^T W``; no Cholesky, no damping, ``H`` may be
 singular; :func:`~svdexp.methods.linalg.gram_truncation`). With ``update: none`` a matrix with fewer outputs than
 inputs (``m < n``) needs only ``C_out``, the Gram of its outputs (``= W H W^T``), and a site whose matrices are
-all such needs no ``H`` (``needs``: ``C_out`` and ``H_tall``, see :mod:`svdexp.calibration`).
+all such needs no ``H`` (``needs``: ``C_out`` and ``H_tall``, see :mod:`svdexp.compression.calibration`).
 
 ``update: closed_form`` (arXiv v1, "step 2" of the reference code): keep ``B`` and re-fit ``A`` to the inputs
 ``X~`` produced by the already-compressed prefix, ``A = W H~ B^T (B H~ B^T)^-1`` with ``H~ = X~ X~^T``

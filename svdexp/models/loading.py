@@ -6,21 +6,17 @@ import copy
 import functools
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from svdexp.cache.budget import cache_root
 from svdexp.errors import ConfigError
+from svdexp.faults import atomic_write
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SOURCES = ("gguf_package", "pretrained", "tiny_random")
-
-
-def cache_dir() -> Path:
-    """Where converted models and calibration statistics live (``$SVDEXP_CACHE``, default ~/.cache/svdexp)."""
-    return Path(os.environ.get("SVDEXP_CACHE", Path.home() / ".cache" / "svdexp"))
 
 
 def _package_dir(package: str) -> Path:
@@ -68,10 +64,12 @@ def _convert_gguf(package: str, gguf_file: str, target: Path) -> None:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), assign=True)
     del gguf_model
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(target)
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_write(target, write)
 
 
 def _tiny_random(cfg, dtype: torch.dtype, seed: int) -> tuple[nn.Module, object]:
@@ -97,18 +95,14 @@ def _packaged_tokenizer(package: str, gguf_file: str):
     take a copy, so that nothing one run sets on it reaches the next."""
     from transformers import AutoTokenizer
 
-    folder = cache_dir() / "models" / f"{Path(gguf_file).stem}.tokenizer"
+    folder = cache_root() / "models" / f"{Path(gguf_file).stem}.tokenizer"
     if (folder / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_file(package, gguf_file).parent), gguf_file=gguf_file)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     try:                    # best effort: without it, the next process parses the GGUF again
-        tokenizer.save_pretrained(tmp)
-        tmp.replace(folder)
+        atomic_write(folder, tokenizer.save_pretrained)
     except Exception:       # a full disk, a file-size limit (the tokenizers library raises a bare Exception)
         pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
 
 
@@ -121,7 +115,7 @@ def _load_tokenizer(path: str):
 def resolve_path(cfg) -> str:
     """The folder or hub id to load for ``cfg``, converting the packaged GGUF on first use."""
     if cfg.source == "gguf_package":
-        target = cache_dir() / "models" / cfg.name
+        target = cache_root() / "models" / cfg.name
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             print(f"[svdexp] converting packaged {cfg.gguf_file} into {target} (once)", flush=True)

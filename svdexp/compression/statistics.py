@@ -1,8 +1,8 @@
 """Which statistics a run needs, where each comes from, and the dense model's on disk, one layer's in memory.
 
 :class:`StatsPlan` says which statistics come from the dense model's activations and which from the compressed
-prefix (collected during compression, :mod:`svdexp.compress`). :class:`RunStatistics` is the one object the run
-asks for them: :meth:`RunStatistics.prepare` consults the cache and collects what is missing (one calibration
+prefix (collected during compression, :mod:`svdexp.compression.compress`). :class:`RunStatistics` is the one object
+the run asks for them: :meth:`RunStatistics.prepare` consults the cache and collects what is missing (one calibration
 pass, and the Fisher pass when the method needs it); :meth:`RunStatistics.layer` answers "these statistics for
 this layer" during compression.
 
@@ -11,7 +11,7 @@ layer's statistics as soon as the layer is done (:meth:`LayerStatsStore.put`, wr
 compression reads layer ``i``'s just before compressing layer ``i`` and releases them after
 (:meth:`LayerStatsStore.layer`). So the statistics held in memory are one layer's, whatever the model's depth.
 
-The files are entries of :mod:`svdexp.cache` (safetensors, atomic, checksum-verified), one per statistic and
+The files are entries of :mod:`svdexp.cache.store` (safetensors, atomic, checksum-verified), one per statistic and
 layer, keyed by the run's description plus ``stat`` and ``layer``. With ``calib.cache=true`` they live in the
 shared cache (``$SVDEXP_CACHE/stats``), so other jobs of a sweep find them; with ``calib.cache=false`` in a
 private temporary directory, deleted by :meth:`LayerStatsStore.close`: the same code either way.
@@ -20,7 +20,8 @@ Two kinds of statistic are small at any depth and stay in memory: per-layer scal
 one number per layer, e.g. ``cosine``, which the allocation policies read for every layer at once), stored
 as one whole-model vector; and whole-model entries such as the Fisher vectors (:meth:`LayerStatsStore.model_entry`).
 Statistic names are plain strings: a new per-site statistic flows through without changes here, as long as
-:func:`~svdexp.calibration.stats_to_tensors` and :func:`~svdexp.calibration.tensors_to_stats` know it.
+:func:`~svdexp.compression.calibration.stats_to_tensors` and :func:`~svdexp.compression.calibration.tensors_to_stats`
+know it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from svdexp.allocation import policy_needs
-from svdexp.cache import cache_key, has_tensor_entry, load_tensor_entry, store_tensor_entry, tensor_fingerprint
-from svdexp.calibration import (LayerStats, collect_statistics, fisher_information, loss_gradients,
-                                stats_to_tensors, tensors_to_stats)
+from svdexp.cache.store import cache_key, has_tensor_entry, load_tensor_entry, store_tensor_entry, tensor_fingerprint
+from svdexp.compression.calibration import (LayerStats, collect_statistics, fisher_information, loss_gradients,
+                                            stats_to_tensors, tensors_to_stats)
 from svdexp.context import RunContext
 from svdexp.faults import crash_point
 from svdexp.methods import Method
@@ -217,7 +217,7 @@ class StatsPlan:
     """Which statistics come from the dense model's activations and which from the compressed prefix.
 
     Statistics are names; where each is collected (every input site, the sites with a tall matrix, the outputs
-    of the wide matrices) follows from the name and the shapes (:func:`~svdexp.calibration.site_needs`).
+    of the wide matrices) follows from the name and the shapes (:func:`~svdexp.compression.calibration.site_needs`).
     """
     original: frozenset[str]
     prefix: frozenset[str]
@@ -227,13 +227,12 @@ class StatsPlan:
     allocation: frozenset[str] = frozenset()
 
     @classmethod
-    def for_run(cls, method: Method, propagate: str, allocation: str,
-                options: Mapping[str, Any] | None = None,
-                allocation_options: Mapping[str, Any] | None = None) -> "StatsPlan":
-        """The plan for ``method`` run with ``options`` (the method config; its needs may depend on them) and the
-        policy ``allocation`` with ``allocation_options`` (the allocation config)."""
+    def for_run(cls, method: Method, propagate: str, options: Mapping[str, Any] | None = None,
+                policy: frozenset[str] = frozenset()) -> "StatsPlan":
+        """The plan for ``method`` run with ``options`` (the method config; its needs may depend on them) and an
+        allocation policy that reads ``policy`` (:func:`svdexp.allocation.policy_needs`: ``cosine``, ``spectra``,
+        ``grad``; none for ``uniform``)."""
         needs = method.needs_for({"propagate": propagate, **(options or {})})
-        policy = policy_needs(allocation, allocation_options)
         original: set[str] = {"cosine"} if "cosine" in policy else set()
         prefix: set[str] = set()
         for key in needs - {"fisher"}:
@@ -259,7 +258,7 @@ class RunStatistics:
     """The statistics of one run's compression, from where ``plan`` says: the dense model's in a
     :class:`LayerStatsStore` (the shared cache at ``ctx.stats_cache``, else a private temporary directory,
     deleted on :meth:`close`) and its Fisher vectors in memory; the compressed prefix's are collected by
-    :func:`~svdexp.compress.compress_model` itself.
+    :func:`~svdexp.compression.compress.compress_model` itself.
 
     An entry is keyed by everything that determines it: the weights (fingerprint), the calibration token ids
     (which fix dataset, tokenizer, samples, length and seed), the statistic, batch size, dtype, device type,

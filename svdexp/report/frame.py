@@ -17,14 +17,15 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from svdexp import provenance, tables
 from svdexp.errors import ConfigError
-from svdexp.labels import disambiguate, make_label, option_extras, row_order
-from svdexp.published import DATASET_LABELS, PUBLISHED, PublishedTable
-from svdexp.tables import MISSING_CELL, pct, span
-from svdexp.tracking import log_report_table
+from svdexp.record import provenance
+from svdexp.record.tracking import log_report_table
+from svdexp.report import tables
+from svdexp.report.labels import disambiguate, make_label, option_extras, row_order
+from svdexp.report.published import DATASET_LABELS, PUBLISHED, PublishedTable
+from svdexp.report.tables import MISSING_CELL, pct, span
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("svdexp.report")
 
 OUTPUT_NAMES = ("report.md", "report.tex", "report.csv", "ppl_vs_ratio.png")
 
@@ -245,7 +246,7 @@ class Report:
 
     def save(self, out_dir: str | Path | None = None) -> list[Path]:
         """Write report.md, report.tex, report.csv and ppl_vs_ratio.png into ``out_dir`` (default: the sweep dir)."""
-        from svdexp.plots import plot_ppl_vs_ratio
+        from svdexp.report.plots import plot_ppl_vs_ratio
 
         paths = [Path(out_dir if out_dir is not None else self.sweep_dir) / name for name in OUTPUT_NAMES]
         paths[0].parent.mkdir(parents=True, exist_ok=True)
@@ -369,7 +370,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> li
 
 @dataclass
 class ReportCallback(Callback):
-    """Hydra callback (``_target_: svdexp.report.ReportCallback``): after a multirun, write the report of
+    """Hydra callback (``_target_: svdexp.report.frame.ReportCallback``): after a multirun, write the report of
     ``hydra.sweep.dir`` and log it to W&B; a failure is logged as a warning, never fails the sweep."""
 
     out_dir: str | None = None

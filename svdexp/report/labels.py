@@ -14,11 +14,10 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from svdexp.tracking import flatten
+from svdexp.record.tracking import flatten
 
 log = logging.getLogger("svdexp.report")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 METHOD_LABELS = {"none": "Dense", "svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD", "svd_llm": "SVD-LLM",
                  "adasvd": "AdaSVD", "ressvd": "ResSVD"}
 ALLOCATION_LABELS = {"adacr": "adaCR", "last_layers": "last-layers"}
@@ -40,11 +39,11 @@ def row_order(method: str, update: str = "none", allocation: str = "uniform") ->
 @functools.cache
 def _option_defaults(group: str, name: str) -> dict[str, Any]:
     """Defaults of a method/allocation option: the schema's dataclass, overlaid by ``conf/<group>/<name>.yaml``."""
-    from svdexp.config import AllocationConfig, MethodConfig
+    from svdexp.config import CONFIG_DIR, AllocationConfig, MethodConfig
 
     schema = {"method": MethodConfig, "allocation": AllocationConfig}[group]
     defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
-    path = CONF_DIR / group / f"{name}.yaml"
+    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
     try:   # a broken YAML must not stop the report
         defaults.update(OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {})
     except Exception as err:

@@ -1,24 +1,32 @@
-"""Results on disk (written atomically) and Weights & Biases logging."""
+"""``results.json`` (written atomically, read back, reused when a finished run's config is run again) and Weights &
+Biases logging."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from svdexp.faults import crash_point
+from svdexp.errors import NumericalError
+from svdexp.faults import atomic_write
+from svdexp.record import provenance
+
+# Settings that change how a run is done or logged, never its results: a finished run is not redone for them.
+NOT_RESULT_KEYS = {"logger": None, "cache": None, "calib": ("cache", "cache_svd"),
+                   "eval": ("cache_dense", "cache_responses")}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Non-finite floats become the strings "inf"/"-inf"/"nan" so results.json stays strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -26,13 +34,14 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_jsonable(data), fh, indent=2, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    crash_point("results_write")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(jsonable(data), fh, indent=2, allow_nan=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, write, "results_write")
 
 
 def read_results(path: str | Path) -> dict | None:
@@ -42,6 +51,53 @@ def read_results(path: str | Path) -> dict | None:
             return json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def result_identity(config: dict) -> dict:
+    """The resolved config without :data:`NOT_RESULT_KEYS` (what decides whether a finished run is reusable)."""
+    out = dict(config)
+    for group, keys in NOT_RESULT_KEYS.items():
+        if keys is None:
+            out.pop(group, None)
+        elif isinstance(out.get(group), dict):
+            out[group] = {k: v for k, v in out[group].items() if k not in keys}
+    return out
+
+
+def finished_results(output_dir: Path, resolved: dict) -> dict | None:
+    """The results already in ``output_dir`` when they are a finished run of this config (not run again); with
+    ``sweep.reuse=same_code``, only when its svdexp commit and library versions are those of the running code."""
+    previous = read_results(output_dir / "results.json")
+    identity = lambda config: result_identity({**config, "sweep": {k: v for k, v in (config.get("sweep") or {}).items()
+                                                                   if k != "reuse"}})   # noqa: E731 (how to reuse)
+    if (previous and previous.get("status") == "done" and "save_error" not in previous.get("compression", {})
+            and identity(previous.get("config") or {}) == identity(resolved)):
+        if (resolved.get("sweep") or {}).get("reuse") == "same_code":
+            changed = provenance.code_changes(previous.get("environment"), provenance.code_environment())
+            if changed:
+                print(f"[svdexp] {output_dir} is done for this config by other code ({'; '.join(changed)}); "
+                      "re-running (sweep.reuse=same_code)")
+                return None
+        print(f"[svdexp] {output_dir} is already done for this config; skipping (delete results.json to re-run)")
+        return previous
+    return None
+
+
+@contextmanager
+def failure_recorded(output_dir: Path, resolved: dict, logger) -> Iterator[None]:
+    """A numerical fault is a result worth keeping (which layer, which statistic), but never "done": it is
+    written to ``results.json`` as failed. Any failure closes the W&B run with exit code 1."""
+    try:
+        yield
+    except NumericalError as err:
+        write_json_atomic(output_dir / "results.json", {"status": "failed", "error": str(err), "config": resolved})
+        if logger is not None:
+            logger.finish(exit_code=1)
+        raise
+    except BaseException:
+        if logger is not None:
+            logger.finish(exit_code=1)
+        raise
 
 
 def flatten(data: dict, sep: str = "/", prefix: str = "") -> dict[str, Any]:
@@ -69,7 +125,7 @@ class WandbLogger:
 
     def log_results(self, results: dict) -> None:
         if "environment" in results:   # complete now: finished, seconds per stage
-            self.run.config.update({"environment": _jsonable(results["environment"])}, allow_val_change=True)
+            self.run.config.update({"environment": jsonable(results["environment"])}, allow_val_change=True)
         summary = {k: v for k, v in flatten({k: results[k] for k in ("metrics", "compression", "model") if k in results}
                                             ).items() if v is None or isinstance(v, (int, float, str, bool))}
         summary.pop("compression/ranks", None)

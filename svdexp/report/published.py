@@ -2,13 +2,15 @@
 
 Ratios follow SVD-LLM's convention (fraction of parameters removed), perplexities are token perplexities on the
 named sets, ``mean_acc`` is the paper's mean zero-shot accuracy. A row's ``match`` is the label that
-:mod:`svdexp.labels` gives the corresponding configuration of ours (``None``: nothing of ours corresponds).
+:mod:`svdexp.report.labels` gives the corresponding configuration of ours (``None``: nothing of ours corresponds).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from svdexp.errors import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -137,3 +139,10 @@ ADASVD_TABLE1 = PublishedTable(
 )
 
 PUBLISHED: dict[str, PublishedTable] = {t.key: t for t in (SVD_LLM_TABLE1, ADASVD_TABLE1)}
+
+
+def check_paper_table(name: str | None) -> None:
+    """``sweep.paper_table`` names one of :data:`PUBLISHED` (or is null); :class:`ConfigError` otherwise. Checked
+    before any work, with the rest of the config."""
+    if name is not None and name not in PUBLISHED:
+        raise ConfigError(f"sweep.paper_table={name!r} is not allowed; choose one of: {', '.join(sorted(PUBLISHED))}.")

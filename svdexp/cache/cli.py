@@ -20,9 +20,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from svdexp.cache_budget import (ENV_MAX_GB, FOLDER_KINDS, KINDS, RECENT_USE_S, Entry, cache_root, entry_model,
+from svdexp.cache.budget import (ENV_MAX_GB, FOLDER_KINDS, KINDS, RECENT_USE_S, Entry, cache_root, entry_model,
                                  read_model_index, remove_entry, resolve_max_gb, scan)
-from svdexp.memory import clean_scratch
+from svdexp.cache.scratch import clean_scratch
 
 
 def human(size: float) -> str:

@@ -1,6 +1,6 @@
 """What ``$SVDEXP_CACHE`` holds, how big it may grow, and how a write that does not fit is handled (issue 16).
 
-:mod:`svdexp.cache` writes every entry through :func:`write_entry`; ``svdexp-cache`` (:mod:`svdexp.cache_cli`)
+:mod:`svdexp.cache.store` writes every entry through :func:`write_entry`; ``svdexp-cache`` (:mod:`svdexp.cache.cli`)
 lists and clears entries with :func:`scan`. This module imports neither torch nor the models, so the command
 line stays fast.
 
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from svdexp.faults import crash_point
+from svdexp.faults import atomic_write
 
 log = logging.getLogger("svdexp.cache")
 
@@ -72,7 +72,8 @@ _KEY = re.compile(r"[0-9a-f]{32}")
 
 
 def cache_root() -> Path:
-    """``$SVDEXP_CACHE``, default ~/.cache/svdexp: :func:`svdexp.models.loading.cache_dir`, without its imports."""
+    """Where svdexp keeps what it computes once (``$SVDEXP_CACHE``, default ~/.cache/svdexp): statistics,
+    decompositions, converted models, the dense model's metrics, lm-eval's answers, the runs' scratch files."""
     return Path(os.environ.get("SVDEXP_CACHE", Path.home() / ".cache" / "svdexp"))
 
 
@@ -269,7 +270,7 @@ def note_model(fingerprint: str, name: str, root: str | Path | None = None) -> N
     data = json.dumps(index, indent=2, sort_keys=True).encode()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(root / MODELS_INDEX, lambda tmp: write_bytes(tmp, data))
+        atomic_write(root / MODELS_INDEX, lambda tmp: write_bytes(tmp, data), "cache_write")
     except OSError as err:
         log.debug("svdexp: could not record the model name in %s: %s", root / MODELS_INDEX, err)
 
@@ -427,24 +428,6 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _atomic_write(path: Path, writer: Callable[[Path], None]) -> int:
-    """``writer(tmp)`` then rename ``tmp`` over ``path``; the temporary file never outlives a failure.
-    Returns the size written."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        writer(tmp)
-        size = os.stat(tmp).st_size
-        crash_point("cache_write")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    return size
-
-
 def make_room(root: Path, folder: str, key: str, nbytes: int) -> bool:
     """Whether ``nbytes`` more for the entry ``folder/key`` fit in the budget, after evicting the least recently
     used entries that may go; warns once per run and returns False when they cannot fit."""
@@ -502,7 +485,7 @@ def write_entry(root: str | Path, folder: str, key: str, path: Path, nbytes: int
         return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        size = _atomic_write(path, writer)
+        size = atomic_write(path, writer, "cache_write")
     except BaseException as err:
         if not no_room(err):
             raise

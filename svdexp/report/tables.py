@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from svdexp.published import DATASET_LABELS
+from svdexp.report.published import DATASET_LABELS
 
 MISSING_CELL = "–"
 TEX_ESCAPES = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "$": r"\$",

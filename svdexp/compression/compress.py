@@ -1,7 +1,7 @@
 """Apply a method to every targeted matrix, layer by layer, and swap in low-rank modules.
 
 With ``propagate: original`` the statistics come from the dense model (collected beforehand, see
-:mod:`svdexp.calibration`). With ``propagate: compressed`` (and for statistics such as ``H_prefix`` that are
+:mod:`svdexp.compression.calibration`). With ``propagate: compressed`` (and for statistics such as ``H_prefix`` that are
 defined on it) layer ``l``'s statistics are collected here, from the inputs the already-compressed prefix
 produces, and the compressed layer's outputs feed layer ``l + 1``.
 """
@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdexp.calibration import (LayerInputs, LayerStats, MatrixStats, SiteStats, StackGroups,
-                                activation_storage, capture_inputs, collect_layer, groups_for, run_layer)
+from svdexp.compression.calibration import (LayerInputs, LayerStats, MatrixStats, SiteStats, StackGroups,
+                                            activation_storage, capture_inputs, collect_layer, groups_for, run_layer)
+from svdexp.compression.lowrank import LowRankLinear, count_parameters, weight_bytes
+from svdexp.compression.statistics import RunStatistics
 from svdexp.context import RunContext
 from svdexp.errors import NumericalError
 from svdexp.faults import crash_point
-from svdexp.lowrank import LowRankLinear
 from svdexp.methods.linalg import weight_in_use
 from svdexp.models.decoder import Decoder, weight_matrix
-from svdexp.statistics import RunStatistics
 
 
 def target_shapes(model: nn.Module, decoder: Decoder) -> list[dict[str, tuple[int, int]]]:
@@ -50,7 +50,7 @@ class _Prefix:
     groups: StackGroups | None
 
 
-def _site_stats(original: LayerStats | None, prefix: LayerStats | None, propagate: str,
+def site_stats(original: LayerStats | None, prefix: LayerStats | None, propagate: str,
                 site: str, device: torch.device) -> SiteStats:
     """What the matrices of ``site`` (an input site, or a matrix's path for its output statistics) see."""
     tensors: dict[str, torch.Tensor] = {}
@@ -143,7 +143,7 @@ def _compress_one(ctx: RunContext, index: int, stats: RunStatistics, ranks: dict
             t0 = time.perf_counter()
             prefix_stats, _ = collect_layer(layer, layer_sites, prefix.inputs, prefix.needs, name, prefix.groups)
             record.prefix_seconds += time.perf_counter() - t0
-        sites = {site: _site_stats(original, prefix_stats, ctx.propagate, site, ctx.device)
+        sites = {site: site_stats(original, prefix_stats, ctx.propagate, site, ctx.device)
                  for site in (*layer_sites, *ctx.decoder.targets(index))}   # input sites, then each matrix's output
         compress_layer(ctx, index, ranks, sites, stats.fisher)
         record.damped_sites.update({f"{name}.{site}": s.damping for site, s in sites.items() if s.damping > 0})
@@ -152,3 +152,27 @@ def _compress_one(ctx: RunContext, index: int, stats: RunStatistics, ranks: dict
         t0 = time.perf_counter()
         prefix.inputs = run_layer(layer, prefix.inputs)
         record.prefix_seconds += time.perf_counter() - t0
+
+
+def compression_record(cfg, ctx: RunContext, shapes: list[dict], alloc, record: dict, dense: dict) -> dict:
+    """``results.json``'s ``compression``: what was asked, what was achieved, and how (``alloc``: the run's
+    :class:`~svdexp.allocation.Allocation`; ``record``: how it was compressed; ``dense``: the model's counts before
+    compression)."""
+    kept_targeted = sum((m * n if alloc.ranks[name] is None else alloc.ranks[name] * (m + n))
+                        for layer in shapes for name, (m, n) in layer.items())
+    params_after = count_parameters(ctx.model)
+    return {
+        "method": cfg.method.name,
+        "allocation": cfg.allocation.name,
+        "target_ratio": cfg.ratio,
+        "achieved_ratio_targeted": 1.0 - kept_targeted / dense["params_targeted"],
+        "achieved_ratio_model": 1.0 - params_after / dense["params_total"],
+        "params_after": params_after,
+        "weight_bytes": weight_bytes(ctx.model),
+        "layer_keep": alloc.keep,
+        "allocation_details": alloc.details,
+        "ranks": {**alloc.ranks, **{name: None for name in ctx.decoder.dense}},   # MoE experts, routers: dense
+        "untargeted": ctx.decoder.dense,
+        **record,
+        "seconds": record["calibration_seconds"] + record["decomposition_seconds"],
+    }

@@ -3,7 +3,7 @@
 Entries are written atomically (temporary file + rename) and carry their own key, which is checked on read,
 so a truncated or foreign file is treated as a miss, never as a value. Writes stay within the cache's size budget
 (least recently used entries evicted first) and are skipped, with one warning, when the disk is full
-(:mod:`svdexp.cache_budget`; ``svdexp-cache`` lists and clears entries).
+(:mod:`svdexp.cache.budget`; ``svdexp-cache`` lists and clears entries).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from svdexp.cache_budget import is_shared, read_entry, spill, spilled, use_entry, write_bytes, write_entry
+from svdexp.cache.budget import cache_root, is_shared, read_entry, spill, spilled, use_entry, write_bytes, write_entry
 from svdexp.methods.linalg import EIG_VECTORS, decompose
-from svdexp.models.loading import cache_dir
-from svdexp.tracking import _jsonable, read_results
+from svdexp.record.tracking import jsonable, read_results
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -52,14 +51,14 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 # Kinds a run reads back after writing them (the statistics store: each layer's statistics are written during
 # calibration and read while compressing). An entry of these kinds that cannot be written (budget, no room) is
-# kept aside for the run (:func:`~svdexp.cache_budget.spill`), so the run goes on as with ``calib.cache=false``;
+# kept aside for the run (:func:`~svdexp.cache.budget.spill`), so the run goes on as with ``calib.cache=false``;
 # an entry of another kind is simply computed again when needed.
 READ_BACK_KINDS = frozenset({"stats"})
 
 
 def load_json_entry(kind: str, key: str) -> dict | None:
     """The cached value of ``kind/key``, or ``None`` when missing or not a valid entry for that key."""
-    root = cache_dir()
+    root = cache_root()
     path = root / kind / f"{key}.json"
     entry = read_results(path)
     if not isinstance(entry, dict) or entry.get("key") != key or "value" not in entry:
@@ -70,9 +69,9 @@ def load_json_entry(kind: str, key: str) -> dict | None:
 
 def store_json_entry(kind: str, key: str, value: Any, description: dict) -> bool:
     """Write ``value`` with its key and description (atomic, within the cache budget, see
-    :mod:`svdexp.cache_budget`); False when it was skipped for lack of room."""
-    root = cache_dir()
-    data = json.dumps(_jsonable({"key": key, "description": description, "value": value}), indent=2,
+    :mod:`svdexp.cache.budget`); False when it was skipped for lack of room."""
+    root = cache_root()
+    data = json.dumps(jsonable({"key": key, "description": description, "value": value}), indent=2,
                       allow_nan=False).encode()
     return write_entry(root, kind, key, root / kind / f"{key}.json", len(data), lambda tmp: write_bytes(tmp, data))
 
@@ -90,7 +89,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 def has_tensor_entry(kind: str, key: str, root: Path | None = None) -> bool:
     """Whether an entry file exists, or this run kept it aside (not verified: :func:`load_tensor_entry`
     verifies)."""
-    path = (root or cache_dir()) / kind / f"{key}.safetensors"
+    path = (root or cache_root()) / kind / f"{key}.safetensors"
     return path.is_file() or spilled(path) is not None
 
 
@@ -111,10 +110,10 @@ def _read_tensor_file(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 
 def load_tensor_entry(kind: str, key: str, root: Path | None = None) -> dict[str, torch.Tensor] | None:
-    """Cached tensors of ``kind/key`` (under ``root``, default :func:`cache_dir`); ``None`` when missing,
-    unreadable, for another key, or corrupted. A hit is this run's use of the entry (its last use is now, and
-    the budget never evicts it under this run)."""
-    root = root or cache_dir()
+    """Cached tensors of ``kind/key`` (under ``root``, default :func:`~svdexp.cache.budget.cache_root`); ``None``
+    when missing, unreadable, for another key, or corrupted. A hit is this run's use of the entry (its last use is
+    now, and the budget never evicts it under this run)."""
+    root = root or cache_root()
     path = root / kind / f"{key}.safetensors"
     tensors = _read_tensor_file(path, key) if path.is_file() else None
     if tensors is not None:
@@ -129,11 +128,11 @@ def load_tensor_entry(kind: str, key: str, root: Path | None = None) -> dict[str
 def store_tensor_entry(kind: str, key: str, tensors: dict[str, torch.Tensor], description: dict,
                        root: Path | None = None) -> bool:
     """Write tensors (safetensors, never pickle) with their key and checksum; atomic via rename, within the
-    cache budget (:mod:`svdexp.cache_budget`). False when skipped for lack of room; the run's own statistics
+    cache budget (:mod:`svdexp.cache.budget`). False when skipped for lack of room; the run's own statistics
     (:data:`READ_BACK_KINDS`) are then kept aside for it."""
     from safetensors.torch import save_file
 
-    root = root or cache_dir()
+    root = root or cache_root()
     path = root / kind / f"{key}.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"key": key, "checksum": _checksum(tensors), "description": json.dumps(description, sort_keys=True)}
@@ -185,7 +184,7 @@ class SVDCache:
     def __init__(self, model: str | None = None, device: str = "cpu", root: Path | None = None) -> None:
         self.model = model
         self.device = device
-        self.root = root          # None: $SVDEXP_CACHE; else a private folder (the runner's in-run memo)
+        self.root = root          # None: $SVDEXP_CACHE; else a private folder (the allocation step's in-run memo)
         self.reused = 0
         self.computed = 0
         # fingerprints of recent recipe inputs: a site's whitening factor serves several matrices

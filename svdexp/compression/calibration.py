@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdexp.cache.scratch import scratch_file
 from svdexp.errors import NumericalError
-from svdexp.memory import scratch_file
 from svdexp.methods.linalg import damped_cholesky, psd_root
 from svdexp.models.decoder import Decoder, as_matrix_grad, matrix_shape
 
