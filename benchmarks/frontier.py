@@ -1,4 +1,4 @@
-"""Issue 17's frontier: `sweeps/frontier.yaml` run (or resumed) and summarised as one table.
+"""Issue 17's frontier: `svdexp/sweeps/frontier.yaml` run (or resumed) and summarised as one table.
 
     .venv/bin/python benchmarks/frontier.py [--collect] [--ratios 0.2,0.4] [extra overrides...]
     .venv/bin/python benchmarks/frontier.py --zeroshot   # the best 20 % model on the zero-shot tasks

@@ -76,8 +76,9 @@ def main() -> None:
     if args.project_only:
         print(projection(0.5)[1])
         return
-    previous = RESULTS / "memory_estimate.json"
-    kept = json.loads(previous.read_text())["runs"] if args.only and previous.is_file() else []
+    previous = [RESULTS / name for name in ("memory_estimate_partial.json", "memory_estimate.json")
+                if (RESULTS / name).is_file()]
+    kept = json.loads(previous[0].read_text())["runs"] if args.only and previous else []
     rows = [r for r in kept if r["run"] not in args.only] if args.only else []
     for name, overrides in RUNS.items():
         if args.only and name not in args.only:

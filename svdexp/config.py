@@ -1,6 +1,6 @@
 """The configuration schema (dataclasses in Hydra's ConfigStore) and its validation.
 
-The schema is the base of ``conf/config.yaml``: Hydra merges every group's YAML and every override into these
+The schema is the base of ``svdexp/conf/config.yaml``: Hydra merges every group's YAML and every override into these
 dataclasses and rejects wrongly typed values on its own. :func:`validate` checks everything else before any
 model is loaded: keys outside the schema (Hydra accepts ``+key=...``), ranges, choices, cross-field
 feasibility, paths that must exist or be writable. :func:`check_context` adds what needs the loaded model.
@@ -20,6 +20,7 @@ import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,8 +31,9 @@ from svdexp.allocation import ALLOCATIONS
 from svdexp.errors import ConfigError
 from svdexp.methods import METHODS, Options
 
-# The config tree lives at the repository's top level (conf/); the package is installed editable from there.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The config tree ships inside the package (svdexp/conf/, package data) and is found through it: the installed copy
+# (a wheel, `pip install .`) or the checkout's (editable). Hydra takes it as a folder; --config-dir adds one of yours.
+CONFIG_DIR = str(files("svdexp") / "conf")
 
 
 @dataclass
@@ -166,11 +168,11 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema as the base of ``conf/config.yaml``: every group's YAML and every override is merged
+    """Register the schema as the base of ``svdexp/conf/config.yaml``: every group's YAML and every override is merged
     into these dataclasses, so Hydra type-checks them; the schema is no option of any group."""
     ConfigStore.instance().store(name="schema", node=Config)
     if not OmegaConf.has_resolver("basename"):
-        # conf/model/pretrained.yaml names the model after its folder or hub id: huggyllama/llama-7b -> llama-7b
+        # svdexp/conf/model/pretrained.yaml names the model after its folder or hub id: huggyllama/llama-7b -> llama-7b
         OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name if path else "pretrained")
 
 
@@ -201,7 +203,7 @@ def _dataclass_type(node: Any, name: str) -> Any:
 
 # free-form mappings: anything below them is passed on as is (tiny_random's transformers config)
 FREE_FORM = ("model.tiny",)
-HYDRA_OWNED = ("hydra", "local")    # Hydra's own settings; conf/local/ (machine-specific, git-ignored)
+HYDRA_OWNED = ("hydra", "local")    # Hydra's own settings; local/ (machine-specific, git-ignored)
 
 
 def unknown_key_error(key: str) -> ConfigError | None:
@@ -416,8 +418,8 @@ def foreign_option_error(group: str, name: str, key: str, value: Any) -> ConfigE
     return ConfigError(
         f"{name} has no option {key} ({group}.{key}{shown} would be ignored); {mine}. {key} is an option of "
         f"{', '.join(owners)} only; a sweep over several {'policies' if group == 'allocation' else 'methods'} "
-        f"sets it in a grid of those that have it (one grid per {group} in a sweep file, as sweeps/frontier.yaml "
-        "does for method.groups).")
+        f"sets it in a grid of those that have it (one grid per {group} in a sweep file, as "
+        "svdexp/sweeps/frontier.yaml does for method.groups).")
 
 
 def _validate_options(cfg, group: str) -> None:
@@ -453,7 +455,7 @@ def _chosen_members(group: str, overrides: list) -> list[str] | None:
             return override.value().filter(sorted(path.stem for path in folder.glob("*.yaml")))
         return list(override.sweep_string_iterator())
 
-    def name_of(choice: str) -> str:   # conf/method/svd_llm_closed_form.yaml is method svd_llm
+    def name_of(choice: str) -> str:   # method/svd_llm_closed_form.yaml is method svd_llm
         path = Path(CONFIG_DIR) / group / f"{choice}.yaml"
         node = OmegaConf.load(path) if path.is_file() else None
         return str(node.get("name", choice)) if isinstance(node, DictConfig) else choice

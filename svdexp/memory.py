@@ -90,6 +90,7 @@ class ModelShape:
     vocab: int
     num_layers: int
     heads: int
+    attention_matrix: bool                       # eager attention: the seq_len x seq_len scores are materialised
     layer_matrices: tuple[tuple[int, int], ...]  # (m, n) of the linears of the largest decoder layer
     max_positions: int | None
 
@@ -128,7 +129,9 @@ def model_shape(config) -> ModelShape:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or max(n for _, n in largest))
     heads = int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0) or 1)
+    eager = getattr(model.config, "_attn_implementation", "eager") == "eager"    # sdpa never forms the L x L scores
     return ModelShape(sum(params.values()), max(params.values()), hidden, int(text.vocab_size), len(layers), heads,
+                      eager,
                       largest, getattr(text, "max_position_embeddings", None))
 
 
@@ -175,13 +178,14 @@ def estimate(cfg, shape: ModelShape, needs: frozenset[str], activations: str, ru
     terms["activations"] = act if activations == "memory" else 0
     b = min(batch, samples)
     terms["layer_pass"] = (b * length * (3 * inter + 6 * shape.hidden) * byte
-                           + 2 * b * shape.heads * length * length * 4) if compressing else 0
+                           + 2 * b * shape.heads * length * length * 4 * shape.attention_matrix) if compressing else 0
     terms["statistics"] = _statistics(cfg, shape, needs) if compressing else 0
     terms["decomposition"] = 4 * biggest_m * biggest_n * 8 + 2 * biggest_n * biggest_n * 8 if compressing else 0
     ppl_len, ppl_batch = cfg.eval.ppl.seq_len, cfg.eval.ppl.batch_size
     zs = cfg.eval.zeroshot
     terms["evaluation"] = max(
-        ppl_batch * ppl_len * (3 * inter + 6 * shape.hidden) * byte + 2 * ppl_batch * shape.heads * ppl_len ** 2 * 4
+        ppl_batch * ppl_len * (3 * inter + 6 * shape.hidden) * byte
+        + 2 * ppl_batch * shape.heads * ppl_len ** 2 * 4 * shape.attention_matrix
         + 3 * ppl_len * shape.vocab * 4,
         (zs.batch_size * 3 * shape.vocab * 4 * 512) if zs.tasks else 0)
     on_gpu = str(cfg.device).startswith("cuda")

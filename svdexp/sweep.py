@@ -1,6 +1,7 @@
-"""`svdexp-sweep`: run a sweep file from sweeps/ as one Hydra multirun per grid.
+"""`svdexp-sweep`: run a sweep file as one Hydra multirun per grid.
 
-A sweep file names the table it regenerates and lists grids; each grid is a Cartesian product of
+The sweep is a name of the files shipped with the package (svdexp/sweeps/<name>.yaml) or the path of a file of
+yours. A sweep file names the table it regenerates and lists grids; each grid is a Cartesian product of
 comma-separated values (Hydra's sweep syntax), so ``none`` needs no ratio column while the methods do::
 
     name: svd_llm_table1
@@ -10,8 +11,9 @@ comma-separated values (Hydra's sweep syntax), so ``none`` needs no ratio column
       - {method: none}
       - {method: "svd,svd_llm", ratio: "0.2,0.4"}
 
-Jobs land in ``outputs/sweeps/<name>/<override dirname>``; re-running skips jobs already done for the same
-resolved config (with ``sweep.reuse=same_code``, only those done by the same svdexp commit and library versions).
+Jobs land in ``outputs/sweeps/<name>/<override dirname>`` under the current folder; re-running skips jobs already
+done for the same resolved config (with ``sweep.reuse=same_code``, only those done by the same svdexp commit and
+library versions).
 Extra command-line overrides (``model=llama_7b``, ``hydra/launcher=slurm``) go to every job.
 """
 
@@ -20,32 +22,38 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
 from svdexp.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-SWEEP_DIR = ROOT / "sweeps"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+# The packaged sweep files (package data), found through the package: installed or editable alike.
+SWEEP_DIR = files("svdexp") / "sweeps"
 SWEEP_KEYS = ("name", "description", "paper_table", "overrides", "grids")
 
 
-def find_sweep(spec: str) -> Path:
-    """A sweep file from a path or a name in sweeps/."""
+def find_sweep(spec: str) -> Path | Traversable:
+    """A sweep file from a path (a file of yours) or a name of the packaged ones (svdexp/sweeps/<name>.yaml)."""
     path = Path(spec)
     if path.is_file():
         return path
     candidate = SWEEP_DIR / f"{spec}.yaml"
     if candidate.is_file():
         return candidate
-    names = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+    names = sorted(p.name.removesuffix(".yaml") for p in SWEEP_DIR.iterdir() if p.name.endswith(".yaml"))
     raise ConfigError(f"sweep {spec!r} not found; give a file path or one of: {', '.join(names)}.")
 
 
-def load_sweep(path: Path) -> dict:
+def load_sweep(path: Path | Traversable) -> dict:
     """The sweep file as a dict, its keys checked (a typo is an error, not an ignored line)."""
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    with path.open("r", encoding="utf-8") as text:
+        data = OmegaConf.to_container(OmegaConf.load(text), resolve=True)
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"sweep file {path} has unknown key(s) {', '.join(map(repr, unknown))}; "
@@ -97,7 +105,7 @@ def commands(sweep: dict, extra: list[str]) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="svdexp-sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", help="sweep name (a file in sweeps/) or path to a sweep file")
+    parser.add_argument("sweep", help="sweep name (one of svdexp/sweeps/) or path to a sweep file of yours")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job, e.g. model=llama_7b")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for cmd in cmds:
         print("+", " ".join(cmd[2:]), flush=True)
         if not args.dry_run:
-            failed += subprocess.run(cmd, cwd=ROOT).returncode != 0
+            failed += subprocess.run(cmd).returncode != 0
     if failed:
         print(f"svdexp-sweep: {failed} of {len(cmds)} grid(s) had failing jobs; re-run to resume.", file=sys.stderr)
     return 1 if failed else 0

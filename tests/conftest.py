@@ -32,8 +32,10 @@ import pytest
 import torch
 
 from svdexp.app import OFFLINE
+from svdexp.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = Path(CONFIG_DIR)   # the config tree the package ships (svdexp/conf/), as the app finds it
 
 # Hydra prints a configuration error and exits unless it believes a debugger is attached, which it infers from
 # sys.gettrace(): under coverage's tracer (make coverage) every error test would see a raised exception instead

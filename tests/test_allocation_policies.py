@@ -11,7 +11,7 @@ from conftest import TINY, read_results
 from svdexp.allocation import Spectrum, allocate, break_even
 from svdexp.allocation.zero_sum import saving
 
-# the tiny random Llama's shapes (conf/model/tiny_random.yaml), 4 decoder layers
+# the tiny random Llama's shapes (svdexp/conf/model/tiny_random.yaml), 4 decoder layers
 LAYER = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
          "self_attn.o_proj": (64, 64), "mlp.gate_proj": (160, 64), "mlp.up_proj": (160, 64),
          "mlp.down_proj": (64, 160)}

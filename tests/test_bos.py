@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, run_svdexp
+from conftest import CONF, TINY, run_svdexp
 from svdexp.config import CONFIG_DIR
 from svdexp.data import calibration_batch, eval_chunks, load_text, run_tokens, tokenize_text
 from svdexp.data.sampling import adds_bos
@@ -20,7 +20,7 @@ from svdexp.errors import ConfigError
 from svdexp.models.loading import _packaged_tokenizer
 from svdexp.runner import compressing
 
-TINY_MODEL = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+TINY_MODEL = OmegaConf.load(CONF / "model" / "tiny_random.yaml")
 
 
 def tokens(cfg, tokenizer, bos_only: bool = False):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_process, run_svdexp
+from conftest import CONF, TINY, run_process, run_svdexp
 from svdexp.data import calibration_batch
 from svdexp.errors import ConfigError
 
@@ -90,7 +90,7 @@ def _nan_model(folder):
 
     from svdexp.models.loading import _package_dir
 
-    tiny = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    tiny = OmegaConf.load(CONF / "model" / "tiny_random.yaml")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **tiny.tiny))
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")

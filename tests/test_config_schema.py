@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, TINY, run_process, run_svdexp
+from conftest import CONF, TINY, run_process, run_svdexp
 from svdexp import app
 from svdexp.config import schema_leaves, unknown_key_error
 
@@ -124,7 +124,7 @@ def test_trap1_model_pretrained_loads_a_local_folder_named_after_it(tmp_path):
 
     from svdexp.models.loading import _package_dir
 
-    tiny = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    tiny = OmegaConf.load(CONF / "model" / "tiny_random.yaml")
     folder = tmp_path / "my-tiny-llama"
     AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **tiny.tiny)).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(_package_dir(tiny.package)), gguf_file=tiny.gguf_file).save_pretrained(folder)

@@ -1,7 +1,7 @@
 """Every method once through the real Hydra config and runner on the tiny random Llama: results.json says done
 and both perplexities are finite.
 
-The config is composed with Hydra's compose API from conf/ (the app's own tree and schema) and handed to
+The config is composed with Hydra's compose API from svdexp/conf/ (the app's own tree and schema) and handed to
 :func:`svdexp.runner.run` in-process, which saves an interpreter start per case; the CLI wrapper itself, and
 methods svd / svd_llm with their defaults, are covered by tests/test_pipeline_tiny.py.
 """

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, run_svdexp
+from conftest import CONF, TINY, run_svdexp
 from svdexp import app
 from svdexp.allocation import ALLOCATIONS
 from svdexp.config import AllocationConfig, MethodConfig, options_schema, validate
@@ -134,7 +134,7 @@ RESOLVED = {
 @pytest.mark.parametrize("group", ["method", "allocation"])
 def test_resolved_config_is_what_it_was(group):
     base = METHOD_NODE if group == "method" else ALLOCATION_NODE
-    choices = sorted(path.stem for path in (ROOT / "conf" / group).glob("*.yaml"))
+    choices = sorted(path.stem for path in (CONF / group).glob("*.yaml"))
     assert choices == sorted(RESOLVED[group])
     with initialize_config_dir(config_dir=app.CONFIG_DIR, version_base="1.3"):
         for choice in choices:
@@ -147,7 +147,7 @@ def test_resolved_config_is_what_it_was(group):
 @pytest.mark.parametrize("group", ["method", "allocation"])
 def test_yaml_files_keep_only_what_differs_from_the_defaults(group):
     """One default per option, in its dataclass: a config file sets a name and what it changes, nothing else."""
-    for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+    for path in sorted((CONF / group).glob("*.yaml")):
         node = OmegaConf.to_container(OmegaConf.load(path))
         entry = REGISTRIES[group][node.pop("name")]
         defaults = {f.name: f.default for f in dataclasses.fields(entry.options)}

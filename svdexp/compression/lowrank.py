@@ -5,30 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from svdexp.hf_remote.modeling_svdexp import SvdexpLowRankLinear
+
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
-    """Rank kept for an ``m x n`` matrix when ``ratio`` of its parameters is removed (METHODS.md).
+    """Rank kept for an ``m x n`` matrix when ``ratio`` of its parameters is removed (SVD-LLM's convention).
 
     ``k = floor((1 - ratio) * m * n / (m + n))``, at least 1.
     """
     return max(1, int((1.0 - ratio) * m * n // (m + n)))
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(SvdexpLowRankLinear):
     """``y = A (B x) + bias`` with ``B``: ``k x n`` (no bias) and ``A``: ``m x k`` (carries the bias).
 
     Drop-in replacement for ``nn.Linear(n, m)``; keeps ``in_features``/``out_features`` so code
-    that inspects them (attention reshapes, lm-eval, generation) keeps working.
+    that inspects them (attention reshapes, lm-eval, generation) keeps working. The module itself is the one the
+    checkpoints' remote code defines (:mod:`svdexp.hf_remote.modeling_svdexp`), so both build the same layers.
     """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.B = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.A = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
@@ -44,12 +38,6 @@ class LowRankLinear(nn.Module):
             if bias is not None:
                 module.A.bias.copy_(bias)
         return module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.A(self.B(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -34,7 +34,7 @@ class AdaSVDOptions(Options):
     propagate: str = propagate_option()
     damping: float = damping_option()
     iters: int = option(1, "adaComp rounds (the paper: one is enough up to 60 % compression)", low=0)
-    # conf/method/adasvd.yaml runs groups: 8 (stack-of-batch); 0 is the option's neutral value, no stacking
+    # svdexp/conf/method/adasvd.yaml runs groups: 8 (stack-of-batch); 0 is the option's neutral value, no stacking
     groups: int = option(0, "stack-of-batch groups of calibration samples for H' (0 = no stacking: the "
                          "compressed prefix's Gram H_prefix)", low=0)
     solver: str = solver_option()

@@ -103,7 +103,8 @@ class Cholesky:
 def damped_cholesky(H: torch.Tensor, eps: float = 1e-6, max_tries: int = 12) -> Cholesky:
     """Cholesky of ``H``; if it is not positive definite, add ``eps * mean(diag H) * I`` and grow eps x10.
 
-    METHODS.md decision: a relative damping, grown until the factorisation succeeds, counted by callers.
+    svdexp's choice (docs/protocol.md; SVD-LLM's reference code shifts by ``-lambda_min + 1e-6`` instead): a relative
+    damping, grown until the factorisation succeeds, counted by callers.
     """
     H = H.double()
     S, info = torch.linalg.cholesky_ex(H)

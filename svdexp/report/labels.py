@@ -38,7 +38,8 @@ def row_order(method: str, update: str = "none", allocation: str = "uniform") ->
 
 @functools.cache
 def _option_defaults(group: str, name: str) -> dict[str, Any]:
-    """Defaults of a method/allocation option: the schema's dataclass, overlaid by ``conf/<group>/<name>.yaml``."""
+    """Defaults of a method/allocation option: the schema's dataclass, overlaid by its YAML in the packaged config
+    tree (``svdexp/conf/<group>/<name>.yaml``)."""
     from svdexp.config import CONFIG_DIR, AllocationConfig, MethodConfig
 
     schema = {"method": MethodConfig, "allocation": AllocationConfig}[group]

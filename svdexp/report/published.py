@@ -1,4 +1,5 @@
-"""Published numbers from the papers (restated in /work/shared/METHODS.md), as data for side-by-side tables.
+"""Published numbers from the papers, as data for side-by-side tables: SVD-LLM's Table 1 (ICLR 2025; its SVD-LLM V2
+row from the V2 paper) and AdaSVD's Table 1, sources and caveats in docs/protocol.md.
 
 Ratios follow SVD-LLM's convention (fraction of parameters removed), perplexities are token perplexities on the
 named sets, ``mean_acc`` is the paper's mean zero-shot accuracy. A row's ``match`` is the label that
