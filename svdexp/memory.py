@@ -38,6 +38,7 @@ GB = 1e9
 ACTIVATIONS = ("auto", "memory", "disk")
 HEADROOM = 1.25                  # auto keeps activations in memory only when the estimate x this fits
 TOKENIZE_BYTES_PER_CHAR = 150    # measured: the fast tokenizer's peak while tokenising a whole split (see docs)
+ZEROSHOT_TOKENS = 128            # a zero-shot request's context + continuation, padded (multiple-choice tasks)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -187,7 +188,7 @@ def estimate(cfg, shape: ModelShape, needs: frozenset[str], activations: str, ru
         ppl_batch * ppl_len * (3 * inter + 6 * shape.hidden) * byte
         + 2 * ppl_batch * shape.heads * ppl_len ** 2 * 4 * shape.attention_matrix
         + 3 * ppl_len * shape.vocab * 4,
-        (zs.batch_size * 3 * shape.vocab * 4 * 512) if zs.tasks else 0)
+        (zs.batch_size * 3 * shape.vocab * 4 * ZEROSHOT_TOKENS) if zs.tasks else 0)
     on_gpu = str(cfg.device).startswith("cuda")
     host_act = 0 if on_gpu else terms["activations"]        # on a GPU, activations in memory live on the device
     calibration = host_act + terms["layer_pass"] * (not on_gpu) + terms["statistics"]

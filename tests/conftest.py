@@ -9,8 +9,9 @@ Tiers (markers declared in pyproject.toml; docs/testing.md says what goes where)
   (:func:`_no_interpreter_in_unit_tests`).
 - ``integration``: the app as a real process, where the process is what is tested (an exit code seen by the
   shell, SIGKILL and resume, launchers, console scripts, per-process limits): :func:`run_process`.
-- ``slow``: the packaged SmolLM2-135M end to end; one converted copy and one loaded model per test process
-  (:func:`smollm2`).
+- ``slow``: the packaged SmolLM2-135M end to end (one converted copy and one loaded model per test process:
+  :func:`smollm2`), every decoder family beyond one per layer shape (tests/families.py), tests making several
+  full app runs.
 
 Every test run (every xdist worker) gets its own empty ``$SVDEXP_CACHE``; a test that checks what a cache holds
 makes its own folder. Under ``pytest -n N`` each worker is pinned to one core and runs torch on one thread.

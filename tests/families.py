@@ -95,3 +95,15 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     print(markdown_table())
+
+
+# One family per layer shape stays in the unit tier (make test-fast); the others run in the slow tier (make test).
+UNIT_TIER = ("llama", "phi3", "gpt2", "mixtral", "qwen3_5_text")
+
+
+def family_params(names=None) -> list:
+    """``names`` (default: every family) as pytest parameters, those outside :data:`UNIT_TIER` marked slow."""
+    import pytest
+
+    return [pytest.param(name, marks=() if name in UNIT_TIER else pytest.mark.slow)
+            for name in sorted(FAMILIES if names is None else names)]

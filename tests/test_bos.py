@@ -131,6 +131,7 @@ def test_calib_bos_of_a_run_that_does_not_compress_is_false_and_unchecked():
         tokens(config("method=none", "eval.ppl.bos=true"), tokenizer)
 
 
+@pytest.mark.slow   # several full app runs: make test, not make test-fast
 def test_results_record_the_choice_and_cache_keys_tell_bos_apart(tmp_path):
     """SmolLM2's tokenizer: auto and false give the same numbers (the statistics and dense perplexity of the first run
     are found again); true (its <|im_start|> first) gives others, computed anew, not found in the cache."""

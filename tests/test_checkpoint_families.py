@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import families
-from families import FAMILIES
+from families import FAMILIES, family_params
 from svdexp.checkpoint import REMOTE_DIR, REMOTE_FILES, CheckpointError, load_compressed, save_compressed
 from svdexp.compression.lowrank import LowRankLinear, rank_for_ratio
 
@@ -117,7 +117,7 @@ def saved_folder(tmp_path: Path, family: str) -> tuple[nn.Module, dict[str, int]
 # ------------------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", family_params())
 def test_round_trip_remote_code_and_load_compressed(family: str, tmp_path: Path) -> None:
     model, ranks, original, path = saved_folder(tmp_path, family)
     assert ranks and {int(LAYER.search(n).group(1)) for n in ranks} == set(range(model.config.num_hidden_layers))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from families import FAMILIES, tiny_model
+from families import FAMILIES, family_params, tiny_model
 from svdexp.compression.calibration import capture_inputs, run_layer
 from svdexp.errors import ConfigError
 from svdexp.models.decoder import OVERRIDES, Override, discover, is_linear, weight_matrix
@@ -34,7 +34,7 @@ def test_discovered_sites_equal_the_former_table(family):
         assert list(decoder.sites(index).values()) == sites      # same groups, same order
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", family_params())
 def test_every_layer_input_captured_equals_the_models_own_hidden_states(family):
     """capture_inputs + run_layer, layer by layer, reproduce the hidden states of the full forward pass: each layer
     gets what the model passes it (per-layer masks of sliding/full attention, hybrid layers, positional args)."""
@@ -50,7 +50,7 @@ def test_every_layer_input_captured_equals_the_models_own_hidden_states(family):
         inputs = run_layer(layer, inputs)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", family_params())
 def test_sites_cover_every_linear_of_the_layers_once_and_nothing_outside(family):
     model = tiny_model(family)
     decoder = discover(model)

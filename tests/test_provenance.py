@@ -69,6 +69,7 @@ def wandb_config(run_dir: Path) -> dict:
 # -- a tiny run's environment, in results.json and in W&B ------------------------------------------------------
 
 
+@pytest.mark.slow   # several full app runs: make test, not make test-fast
 def test_tiny_run_records_its_environment_and_wandb_config_has_it(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

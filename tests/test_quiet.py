@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from conftest import TINY, run_svdexp
 
 from svdexp.app import CONSOLE_NOISE, ConsoleNoise
@@ -16,6 +18,7 @@ NOISE = ("`pretrained` model kwarg is not of type `str`", "Passed an already-ini
          "Custom kwargs can be passed to `--metadata`")
 
 
+@pytest.mark.slow   # several full app runs: make test, not make test-fast
 def test_lm_eval_noise_is_in_the_log_file_not_on_the_console(tmp_path):
     done = run_svdexp([*TINY, *ZEROSHOT], tmp_path / "run", cache=tmp_path / "cache")
     console, log_file = done.stdout + done.stderr, (tmp_path / "run" / "app.log").read_text()
