@@ -43,7 +43,7 @@ SMALL = {"vocab_size": VOCAB, "max_position_embeddings": 128}
 
 
 def tiny_config(family: str, **overrides):
-    return families.tiny_config(family, **SMALL, **overrides)
+    return families.tiny_config(family, **{**SMALL, **overrides})
 
 
 def tiny_model(family: str, **overrides) -> nn.Module:
