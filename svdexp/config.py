@@ -29,6 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from svdexp.allocation import ALLOCATIONS
 from svdexp.errors import ConfigError
+from svdexp.memory import ACTIVATIONS
 from svdexp.methods import METHODS, Options
 
 # The config tree ships inside the package (svdexp/conf/, package data) and is found through it: the installed copy
@@ -571,7 +572,7 @@ def validate(cfg, output_dir: str | Path | None = None) -> None:
     for key in ("num_samples", "seq_len", "batch_size"):
         _positive_int(f"calib.{key}", cfg.calib[key])
     _bos("calib.bos", cfg.calib.bos)
-    _choice("calib.activations", cfg.calib.activations, ["auto", "memory", "disk"])
+    _choice("calib.activations", cfg.calib.activations, ACTIVATIONS)
     _validate_eval(cfg.eval)
     _choice("logger.name", cfg.logger.name, ["wandb", "none"])
     _choice("logger.mode", cfg.logger.mode, ["offline", "online", "disabled"])

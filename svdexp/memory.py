@@ -89,11 +89,9 @@ class ModelShape:
     largest_param: int                           # elements of the largest parameter (the embedding, usually)
     hidden: int
     vocab: int
-    num_layers: int
     heads: int
     attention_matrix: bool                       # eager attention: the seq_len x seq_len scores are materialised
     layer_matrices: tuple[tuple[int, int], ...]  # (m, n) of the linears of the largest decoder layer
-    max_positions: int | None
 
 
 def model_config(model_cfg):
@@ -131,9 +129,7 @@ def model_shape(config) -> ModelShape:
     hidden = int(getattr(text, "hidden_size", 0) or max(n for _, n in largest))
     heads = int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0) or 1)
     eager = getattr(model.config, "_attn_implementation", "eager") == "eager"    # sdpa never forms the L x L scores
-    return ModelShape(sum(params.values()), max(params.values()), hidden, int(text.vocab_size), len(layers), heads,
-                      eager,
-                      largest, getattr(text, "max_position_embeddings", None))
+    return ModelShape(sum(params.values()), max(params.values()), hidden, int(text.vocab_size), heads, eager, largest)
 
 
 # ----------------------------------------------------------------------------------------------- the estimate

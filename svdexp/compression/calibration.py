@@ -22,6 +22,7 @@ beside the input sites, so every structure keyed by statistic name and site carr
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -117,9 +118,7 @@ class DiskActivations:
         """Store ``hidden`` (batch ``batch`` of a layer's inputs or outputs) in ``slot``; returns the stored view."""
         if self.data is None:
             shape = (2, self.num_samples, *hidden.shape[1:])
-            numel = 1
-            for size in shape:
-                numel *= size
+            numel = math.prod(shape)
             with open(self.path, "wb") as handle:
                 handle.truncate(numel * hidden.element_size())        # sparse: blocks are written as filled
             self.data = torch.from_file(str(self.path), shared=True, size=numel, dtype=hidden.dtype).view(shape)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from svdexp.errors import ConfigError
 
@@ -27,25 +28,14 @@ ROUTER_NAMES = frozenset({"router", "gate", "shared_expert_gate"})   # a module'
 EXPERT_NAMES = frozenset({"experts"})                                 # a path component that marks MoE experts
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:          # pragma: no cover - every supported transformers has it
-        return None
-    return Conv1D
-
-
-_CONV1D = _conv1d_type()
-
-
 def is_linear(module: nn.Module) -> bool:
     """``nn.Linear`` (and subclasses, e.g. Falcon's) or transformers' ``Conv1D`` (GPT-2: weight stored ``n x m``)."""
-    return isinstance(module, nn.Linear) or (_CONV1D is not None and isinstance(module, _CONV1D))
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The ``m x n`` matrix ``W`` of ``y = W x + b`` (a ``Conv1D`` stores ``W^T``)."""
-    return module.weight.T if _CONV1D is not None and isinstance(module, _CONV1D) else module.weight
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
@@ -54,7 +44,7 @@ def matrix_shape(module: nn.Module) -> tuple[int, int]:
 
 def as_matrix_grad(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     """A gradient of ``module.weight`` laid out like :func:`weight_matrix` (``m x n``)."""
-    return grad.T if _CONV1D is not None and isinstance(module, _CONV1D) else grad
+    return grad.T if isinstance(module, Conv1D) else grad
 
 
 @dataclass(frozen=True)
