@@ -76,11 +76,12 @@ def tiny_config(family: str, **overrides):
     return AutoConfig.for_model(family, **fields)
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """The tiny ``family`` model with random weights drawn from ``seed``; ``overrides`` as in :func:`tiny_config`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
 
 
 def markdown_table() -> str:

@@ -47,8 +47,7 @@ def tiny_config(family: str, **overrides):
 
 
 def tiny_model(family: str, **overrides) -> nn.Module:
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    return families.tiny_model(family, **{**SMALL, **overrides})
 
 
 def dense_candidates(model: nn.Module) -> dict[str, nn.Module]:
