@@ -58,9 +58,9 @@ class RunContext:
 
 
 def build_context(cfg, model, tokenizer, eval_sets: dict[str, torch.Tensor], calib_ids: torch.Tensor | None,
-                  decoder: Decoder) -> RunContext:
-    """The context of the run ``cfg`` on ``model``; hashes the weights (the key of every cache entry of this
-    model)."""
+                  decoder: Decoder, activations: str = "memory") -> RunContext:
+    """The context of the run ``cfg`` on ``model``, calibration activations kept in ``activations`` (``memory`` or
+    ``disk``, as the memory plan chose); hashes the weights (the key of every cache entry of this model)."""
     fingerprint = model_fingerprint(model)
     note_model(fingerprint, cfg.model.name)   # $SVDEXP_CACHE/models.json, for svdexp-cache --model NAME
     return RunContext(
@@ -71,4 +71,4 @@ def build_context(cfg, model, tokenizer, eval_sets: dict[str, torch.Tensor], cal
         # Decompositions of rank-independent matrices are shared across ratios through $SVDEXP_CACHE/svd; with
         # propagate=compressed every matrix depends on the ratio, so there is nothing to share.
         svd_cache=bool(cfg.calib.cache_svd) and cfg.method.propagate == "original",
-        tokenizer=tokenizer, eval_sets=eval_sets)
+        tokenizer=tokenizer, eval_sets=eval_sets, activations=activations)

@@ -57,18 +57,41 @@ class Estimate:
                 "terms": {k: round(v / GB, 4) for k, v in self.terms.items()}}
 
 
+def _status(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:                                       # pragma: no cover - not Linux
+        pass
+    return None                                           # pragma: no cover
+
+
 def process_rss() -> int:
     """This process's resident memory now (``VmRSS``), in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0                                              # pragma: no cover - not Linux
+    return _status("VmRSS") or 0
 
 
 def peak_host() -> int:
-    """The highest resident memory this process has had (``ru_maxrss``), in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The highest resident memory of this process since :func:`reset_peaks` (``VmHWM``; ``ru_maxrss``, the
+    process's lifetime peak, where the kernel does not report it), in bytes."""
+    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peaks(device: str | torch.device) -> None:
+    """Start the run's peak measurements from the memory in use now: the kernel's peak resident memory of this
+    process (writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM``) and torch's peak allocation on a GPU, so that
+    each job of an in-process multirun reports its own peaks, not the largest of the jobs before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:                                       # pragma: no cover - not Linux, or not permitted
+        pass
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def available_host() -> int:
@@ -240,8 +263,8 @@ def plan(cfg, needs: frozenset[str], runtime: int | None = None) -> Estimate:
 
 
 def peaks(device: torch.device) -> dict:
-    """``results.json``'s measured peaks in GB: ``peak_host`` (``ru_maxrss``: the process's highest resident
-    memory) and, on a GPU, ``peak_device`` (torch's highest allocation)."""
+    """``results.json``'s measured peaks in GB since :func:`reset_peaks`: ``peak_host`` (the process's highest
+    resident memory) and, on a GPU, ``peak_device`` (torch's highest allocation)."""
     out = {"peak_host": round(peak_host() / GB, 3)}
     if device.type == "cuda" and torch.cuda.is_available():
         out["peak_device"] = round(torch.cuda.max_memory_allocated(device) / GB, 3)

@@ -9,7 +9,6 @@ calibration tokens, where the caches are), built once by :func:`load_context`; t
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,6 +53,7 @@ def run(cfg, output_dir: str | Path, threads: int) -> dict:
         return previous
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
+    memory.reset_peaks(cfg.device)                                 # this run's peaks, also in a multirun
 
     estimate = _preflight(cfg)                                     # memory: a run that cannot fit stops here
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def load_context(cfg, activations: str = "memory") -> RunContext:
     check_context(cfg, getattr(model.config, "max_position_embeddings", None))   # sequence lengths
     check_feasible(cfg, decoder.num_layers)                                       # the allocation
     eval_sets, calib_ids = run_tokens(cfg, tokenizer, compressing(cfg))
-    return replace(build_context(cfg, model, tokenizer, eval_sets, calib_ids, decoder), activations=activations)
+    return build_context(cfg, model, tokenizer, eval_sets, calib_ids, decoder, activations)
 
 
 # -- the experiment ---------------------------------------------------------------------------------------

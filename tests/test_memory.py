@@ -69,6 +69,15 @@ def test_results_carry_the_estimate_and_the_measured_peak(tmp_path):
     assert results["memory"]["peak_host"] > 0 and "peak_device" not in results["memory"]
 
 
+def test_the_peak_is_the_runs_own_not_the_processes(tmp_path):
+    # an in-process multirun runs its jobs in one process: a job's peak must not include what came before it
+    ballast = torch.ones(400_000_000, dtype=torch.uint8)          # 0.4 GB touched, then freed
+    before = memory.peak_host()
+    del ballast
+    results = _run(tmp_path, "method=svd_llm", "ratio=0.2")
+    assert 0 < results["memory"]["peak_host"] < before / memory.GB - 0.2
+
+
 def test_a_run_that_fits_nowhere_is_refused_before_any_work(tmp_path, fresh_cache):
     # 10^8 windows of 64 tokens at width 64: 3.3 TB of activations, on no disk of this machine
     done = run_svdexp([*TINY, "calib.num_samples=100000000", "calib.activations=auto"], tmp_path / "run")
