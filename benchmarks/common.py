@@ -137,11 +137,26 @@ def run_app(args: list[str], log: Path | None = None, cache: Path | None = None,
 # -- results -------------------------------------------------------------------------------------------------
 
 
+def portable(text: str) -> str:
+    """``text`` with this machine's folders written as any machine has them: the repository as ``.``, svdexp's
+    cache as ``$SVDEXP_CACHE``, the temporary folder as ``$TMPDIR``, the home folder as ``~`` (results files are
+    committed; a path of one machine means nothing on another)."""
+    import tempfile
+
+    from svdexp.cache.budget import cache_root
+
+    for folder, name in ((ROOT, "."), (cache_root(), "$SVDEXP_CACHE"), (Path(tempfile.gettempdir()), "$TMPDIR"),
+                         (Path.home(), "~")):
+        text = text.replace(str(folder.resolve()), name).replace(str(folder), name)
+    return text
+
+
 def write_results(name: str, data: Any, markdown: str | None = None, out: Path = RESULTS) -> Path:
-    """``out/<name>.json`` (and ``out/<name>.md`` with ``markdown``); returns the JSON's path."""
+    """``out/<name>.json`` (and ``out/<name>.md`` with ``markdown``), paths made :func:`portable`; returns the
+    JSON's path."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(portable(json.dumps(data, indent=2)) + "\n")
     if markdown is not None:
-        (out / f"{name}.md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+        (out / f"{name}.md").write_text(portable(markdown if markdown.endswith("\n") else markdown + "\n"))
     return path

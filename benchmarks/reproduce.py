@@ -4,7 +4,7 @@ measured with the papers' solver before `method.solver=auto` became the default)
 
     .venv/bin/python benchmarks/reproduce.py [--cells svd@0.2,svd_llm@0.2,...]
     # the same cells through an older commit's app (a git worktree), one thread as `threads=1` sets it:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce.py --checkout /tmp/old --name reproduce_old \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce.py --checkout ../old --name reproduce_old \\
         --fixed "logger=none calib.cache=false calib.cache_svd=false"
     # today's app against that run instead of against the methods table (bit for bit across the commits):
     .venv/bin/python benchmarks/reproduce.py --against reproduce_old --name reproduce_vs_old
@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, ROOT, run_app, write_results
+from svdexp.record.provenance import code_label, cpu_model, git_state
 
 CELLS = "svd@0.2,svd_llm@0.2,svd_llm@0.4,adasvd@0.2,adasvd@0.4,ressvd@0.2,ressvd@0.4"
 FIXED = "logger=none threads=1 method.solver=svd calib.cache=false calib.cache_svd=false"
@@ -78,7 +79,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     command = " ".join(["benchmarks/reproduce.py", *sys.argv[1:]])
     before = "methods table" if args.against is None else args.against
-    source = f"now: {args.source}" if args.source else f"app of {args.checkout}"
+    app = code_label(git_state(args.checkout)) or str(args.checkout)        # the commit whose app ran
+    source = f"now: {args.source}" if args.source else f"app of commit {app} on {cpu_model()}"
     lines = [f"Measured by `.venv/bin/python {command}` (overrides of each cell plus `{args.fixed}`; {source}; "
              f"before: {before}).", "",
              "| cell | wiki before | wiki now | news before | news now | bit for bit | as printed | max rel. diff |",
@@ -87,7 +89,7 @@ def main() -> None:
         lines.append(f"| {r['cell']} | {r['before']['wiki']!r} | {r['now']['wiki']!r} | {r['before']['news']!r} | "
                      f"{r['now']['news']!r} | {'yes' if r['identical'] else 'no'} | "
                      f"{'yes' if r['as_printed'] else 'no'} | {r['max_relative_difference']:.1e} |")
-    write_results(args.name, {"command": command, "checkout": str(args.checkout), "fixed": args.fixed,
+    write_results(args.name, {"command": command, "checkout": app, "cpu": cpu_model(), "fixed": args.fixed,
                               "from": args.source, "against": args.against, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,7 +1,7 @@
 """Where the test suite's time goes: the slowest tests and the time per file, from a pytest JUnit XML report.
 
-    .venv/bin/python -m pytest --junitxml=/tmp/suite.xml ...          # the run to measure
-    .venv/bin/python benchmarks/test_durations.py /tmp/suite.xml --label after --wall 512.3
+    .venv/bin/python -m pytest --junitxml=suite.xml ...          # the run to measure
+    .venv/bin/python benchmarks/test_durations.py suite.xml --label after --wall 512.3
 
 Writes ``benchmarks/results/test_durations_<label>.{md,json}``: the 30 slowest tests (setup + call + teardown, as
 JUnit reports them) and every file's total and count. ``--wall`` (seconds, as ``time`` printed them) is recorded
@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_results
 
 
 def read_cases(report: Path) -> list[dict]:
@@ -99,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a JUnit report and --label (or --compare LABEL LABEL)")
     summary = summarise(read_cases(args.report), args.top)
     summary.update(label=args.label, wall_seconds=args.wall, command=args.command)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"test_durations_{args.label}.json").write_text(json.dumps(summary, indent=2))
     text = markdown(summary, args.label, args.wall, args.command)
-    (RESULTS / f"test_durations_{args.label}.md").write_text(text)
+    write_results(f"test_durations_{args.label}", summary, text)
     print(text)
     return 0
 
