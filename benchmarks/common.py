@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the repository's paths, the composed config and the loaded run, timing, the
-process's memory, the real app run in a child process, and writing results.
+real app run in a child process, and writing results (the process's memory is read with svdexp.memory's
+``proc_status``, ``reset_host_peak`` and ``lifetime_peak_host``, which load no more than this module does).
 
 Every script imports it as ``from common import ...`` (a script's folder is first on ``sys.path``), the
 ``benchmarks.inference`` package as ``from benchmarks.common import ...`` (run with ``python -m`` from the
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -66,38 +66,6 @@ def timed(fn: Callable[[], T], device=None) -> tuple[T, float]:
     out = fn()
     sync(device)
     return out, time.perf_counter() - t0
-
-
-# -- memory --------------------------------------------------------------------------------------------------
-
-
-def proc_status() -> dict[str, int]:
-    """This process's resident memory in bytes from ``/proc/self/status`` (Linux): ``VmRSS`` (now), ``VmHWM``
-    (peak since the last :func:`reset_peak_rss`), ``RssAnon``, ``RssFile``; empty where there is no /proc."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark (``VmHWM``) to the current RSS (Linux >= 4.0); False
-    where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def maxrss_bytes() -> int:
-    """``getrusage``'s peak resident set of this process (KiB on Linux), in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # -- the app in a child process -------------------------------------------------------------------------------

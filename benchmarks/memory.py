@@ -30,7 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, compose_config, maxrss_bytes, proc_status, reset_peak_rss, timed, write_results
+from common import ROOT, compose_config, timed, write_results
+from svdexp.memory import lifetime_peak_host, proc_status, reset_host_peak
 
 GB = 1e9
 
@@ -76,14 +77,14 @@ def malloc_free_gb() -> float:
 class Stages:
     def __init__(self) -> None:
         self.rows: list[dict] = []
-        self.can_reset = reset_peak_rss()
+        self.can_reset = reset_host_peak()
 
     def run(self, name: str, fn):
-        reset_peak_rss()
+        reset_host_peak()
         out, seconds = timed(fn)
         status = {key: value / GB for key, value in proc_status().items()}
         # getrusage's maxrss is reset with VmHWM: the peak so far is the largest stage peak
-        stage_peak = status["VmHWM"] if self.can_reset else maxrss_bytes() / GB
+        stage_peak = status["VmHWM"] if self.can_reset else lifetime_peak_host() / GB
         row = {"stage": name, "seconds": round(seconds, 2), "rss": status["VmRSS"], "rss_anon": status["RssAnon"],
                "rss_file": status["RssFile"], "stage_peak": stage_peak,
                "peak_so_far": max([stage_peak, *(r["peak_so_far"] for r in self.rows)])}

@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, maxrss_bytes, timed, write_results
+from common import ROOT, timed, write_results
+from svdexp.memory import lifetime_peak_host
 
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
             "num_key_value_heads": 32, "num_hidden_layers": 1, "vocab_size": 256, "max_position_embeddings": 2048}
@@ -68,7 +69,7 @@ def one_solver(solver: str, method_name: str, samples: int, seq_len: int) -> dic
         svd_bytes = dir_bytes(Path(cache))
     return {"solver": solver, "statistics": sorted(plan.original), "statistics_seconds": t_stats,
             "decomposition_seconds": t_decomp, "statistics_bytes": stats_bytes, "svd_cache_bytes": svd_bytes,
-            "peak_rss_bytes": maxrss_bytes(), "threads": torch.get_num_threads(), "tokens": samples * seq_len}
+            "peak_rss_bytes": lifetime_peak_host(), "threads": torch.get_num_threads(), "tokens": samples * seq_len}
 
 
 def flops(solver: str, tokens: int) -> dict:

@@ -27,12 +27,14 @@ from __future__ import annotations
 import resource
 import shutil
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from svdexp.cache.budget import cache_root
 from svdexp.cache.scratch import scratch_root
 from svdexp.errors import ConfigError
+
+if TYPE_CHECKING:                     # torch is imported where it is used: the host readers serve torch-free callers
+    import torch
 
 GB = 1e9
 ACTIVATIONS = ("auto", "memory", "disk")
@@ -57,38 +59,55 @@ class Estimate:
                 "terms": {k: round(v / GB, 4) for k, v in self.terms.items()}}
 
 
-def _status(field: str) -> int | None:
-    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None where there is none."""
+def proc_status() -> dict[str, int]:
+    """This process's memory from ``/proc/self/status`` in bytes: ``VmRSS`` (resident now), ``VmHWM`` (the peak
+    since :func:`reset_host_peak`), ``RssAnon``, ``RssFile``; empty where there is no /proc."""
+    out = {}
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(value.split()[0]) * 1024
     except OSError:                                       # pragma: no cover - not Linux
         pass
-    return None                                           # pragma: no cover
+    return out
 
 
 def process_rss() -> int:
     """This process's resident memory now (``VmRSS``), in bytes."""
-    return _status("VmRSS") or 0
+    return proc_status().get("VmRSS", 0)
 
 
-def peak_host() -> int:
-    """The highest resident memory of this process since :func:`reset_peaks` (``VmHWM``; ``ru_maxrss``, the
-    process's lifetime peak, where the kernel does not report it), in bytes."""
-    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def lifetime_peak_host() -> int:
+    """The highest resident memory this process has had since it started (``ru_maxrss``), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def reset_peaks(device: str | torch.device) -> None:
-    """Start the run's peak measurements from the memory in use now: the kernel's peak resident memory of this
-    process (writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM``) and torch's peak allocation on a GPU, so that
-    each job of an in-process multirun reports its own peaks, not the largest of the jobs before it."""
+def reset_host_peak() -> bool:
+    """Restart the kernel's record of this process's peak resident memory (``VmHWM``) from what is resident now
+    (writing 5 to ``/proc/self/clear_refs``, Linux >= 4.0); False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
+        return True
     except OSError:                                       # pragma: no cover - not Linux, or not permitted
-        pass
+        return False
+
+
+def peak_host() -> int:
+    """The highest resident memory of this process since :func:`reset_peaks` (``VmHWM``; the lifetime peak where
+    the kernel does not report it), in bytes."""
+    return proc_status().get("VmHWM") or lifetime_peak_host()
+
+
+def reset_peaks(device: str | torch.device) -> None:
+    """Start the run's peak measurements from the memory in use now: this process's peak resident memory and
+    torch's peak allocation on a GPU, so that each job of an in-process multirun reports its own peaks, not the
+    largest of the jobs before it."""
+    import torch
+
+    reset_host_peak()
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats(device)
@@ -137,6 +156,7 @@ def model_config(model_cfg):
 
 def model_shape(config) -> ModelShape:
     """Counts and shapes of the model ``config`` describes, from the model built on the meta device."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from svdexp.models.decoder import find_layers, is_linear, kept_out, matrix_shape
@@ -265,6 +285,8 @@ def plan(cfg, needs: frozenset[str], runtime: int | None = None) -> Estimate:
 def peaks(device: torch.device) -> dict:
     """``results.json``'s measured peaks in GB since :func:`reset_peaks`: ``peak_host`` (the process's highest
     resident memory) and, on a GPU, ``peak_device`` (torch's highest allocation)."""
+    import torch
+
     out = {"peak_host": round(peak_host() / GB, 3)}
     if device.type == "cuda" and torch.cuda.is_available():
         out["peak_device"] = round(torch.cuda.max_memory_allocated(device) / GB, 3)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import maxrss_bytes, proc_status, reset_peak_rss, timed
+from benchmarks.common import timed
 from benchmarks.inference.models import DTYPES, Runner, load_for_bench
+from svdexp.memory import lifetime_peak_host, proc_status, reset_host_peak
 
 
 def memory_worker(spec: dict) -> dict:
@@ -22,7 +23,7 @@ def memory_worker(spec: dict) -> dict:
     rss_loaded, peak_loading = status.get("VmRSS"), status.get("VmHWM")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    hwm_reset = reset_peak_rss()
+    hwm_reset = reset_host_peak()
     runner = Runner(model, spec, device)
     runner.prefill()
     out = runner.generate(spec["new_tokens"])
@@ -38,7 +39,7 @@ def memory_worker(spec: dict) -> dict:
         "rss_before_load_bytes": rss_before, "rss_after_load_bytes": rss_loaded,
         "peak_rss_inference_bytes": peak_inference,
         "peak_rss_process_bytes": max(x for x in (peak_loading, peak_inference, 0) if x is not None)
-        if peak_loading is not None else maxrss_bytes(),
+        if peak_loading is not None else lifetime_peak_host(),
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
 
