@@ -233,6 +233,17 @@ def test_report_warns_under_a_table_whose_jobs_ran_two_commits(tiny_results, tmp
     assert "Warning: the jobs of this table differ in svdexp commit, threads" in report.latex()
 
 
+def test_report_warns_under_a_table_whose_jobs_ran_on_two_cpus(tiny_results, tmp_path):
+    svd, svd_llm = copy.deepcopy(tiny_results["svd"]), copy.deepcopy(tiny_results["svd_llm"])
+    svd_llm["environment"]["svdexp"] = svd["environment"]["svdexp"]
+    svd["environment"]["hardware"]["cpu"] = "Intel(R) Xeon(R) Platinum 8480+"
+    svd_llm["environment"]["hardware"]["cpu"] = "AMD EPYC"
+    md = build_report(make_sweep(tmp_path / "cpus", {"method=svd": svd, "method=svd_llm": svd_llm})).markdown()
+    (warning,) = [line for line in md.splitlines() if line.startswith("**Warning:**")]
+    assert "differ in cpu, which can change their numbers" in warning
+    assert "`AMD EPYC` in `method=svd_llm`" in warning and "gpu" not in warning
+
+
 def test_report_of_one_commit_has_no_warning_and_says_what_jobs_share(tiny_results, tmp_path):
     svd_llm = copy.deepcopy(tiny_results["svd_llm"])
     # the two runs' code is one commit, but while the suite runs the working tree may be edited between them

@@ -32,6 +32,10 @@ NUMERIC_FIELDS = {
     "transformers": lambda env: (env.get("libraries") or {}).get("transformers"),
     "lm-eval": lambda env: (env.get("libraries") or {}).get("lm-eval"),
     "device type": lambda env: env.get("device_type"),
+    # the same code and libraries on another processor round differently in the last digits (measured: 8e-6
+    # relative on the dense model's perplexity between two x86 CPUs, docs/results.md)
+    "cpu": lambda env: (env.get("hardware") or {}).get("cpu"),
+    "gpu": lambda env: (env.get("hardware") or {}).get("gpu") if env.get("device_type") == "cuda" else None,
     "dtype": lambda env: env.get("dtype"),
     "threads": lambda env: env.get("threads"),
 }
