@@ -1,12 +1,17 @@
 """The package's layout, as README's Architecture section describes it: at most 10 modules at the top level of
 svdexp/ (the rest in packages named after the run's steps), runner.py the run's sequence (at most 200 lines), no
-module of svdexp/ or benchmarks/ importing another module's private name, and no two parts of svdexp (a top-level
-module, or a package with its modules) importing each other's names."""
+module of svdexp/ or benchmarks/ importing another module's private name, no two parts of svdexp (a top-level
+module, or a package with its modules) importing each other's names, and no file citing what is not in the
+repository (the reference notes it was built from, a folder of one machine)."""
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "svdexp"
@@ -66,3 +71,23 @@ def test_no_two_parts_of_svdexp_import_each_others_names():
                 uses.setdefault(part, set()).add(target)
     ties = sorted({tuple(sorted((a, b))) for a, targets in uses.items() for b in targets if a in uses.get(b, ())})
     assert not ties, f"parts of svdexp that import each other: {ties}"
+
+
+# A folder of one machine (a home, work or temporary folder, as an absolute path's start); and the names
+# of the reference notes the project was built from, which a user never has.
+MACHINE_PATH = re.compile(r"(?<![\w.$~/-])/(?:root|home|work|tmp|Users|mnt|scratch)/")
+OUTSIDE = re.compile(r"\b(?:METHODS|DESIGN)\.md\b|\.\./shared\b")
+
+
+def test_no_file_cites_a_folder_of_one_machine_or_a_file_outside_the_repository():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    offenders = []
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        path = ROOT / name
+        if not path.is_file() or path.suffix in (".png", ".pdf", ".gguf", ".safetensors"):
+            continue
+        text = path.read_text(errors="replace")
+        offenders += [f"{name}: {m.group(0)}" for pattern in (MACHINE_PATH, OUTSIDE) for m in pattern.finditer(text)]
+    assert not offenders, "\n".join(offenders)
