@@ -27,7 +27,7 @@ from svdexp.compression.lowrank import count_parameters
 from svdexp.compression.statistics import RunStatistics, StatsPlan
 from svdexp.config import check_context, validate
 from svdexp.context import RunContext, build_context
-from svdexp.data import run_tokens
+from svdexp.data import bos_record, run_tokens
 from svdexp.errors import SaveError
 from svdexp.evaluation.metrics import dense_metrics, evaluate
 from svdexp.methods import METHODS
@@ -131,7 +131,7 @@ def _experiment(cfg, ctx: RunContext, resolved: dict) -> dict:
         alloc, record = _uncompressed(shapes)
     metrics.update(evaluate(cfg, ctx, compressing(cfg)))          # evaluate
     compression = compression_record(cfg, ctx, shapes, alloc, record, dense)
-    bos = run_tokens(cfg, ctx.tokenizer, compressing(cfg), bos_only=True)
+    bos = bos_record(cfg, ctx.tokenizer, compressing(cfg))
     return {"status": "done", "config": resolved, "bos": bos, "model": dense, "compression": compression,
             "metrics": metrics}
 

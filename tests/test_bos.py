@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, TINY, run_svdexp
 from svdexp.config import CONFIG_DIR
-from svdexp.data import calibration_batch, eval_chunks, load_text, run_tokens, tokenize_text
+from svdexp.data import bos_record, calibration_batch, eval_chunks, load_text, run_tokens, tokenize_text
 from svdexp.data.sampling import adds_bos
 from svdexp.errors import ConfigError
 from svdexp.models.loading import _packaged_tokenizer
@@ -23,9 +23,14 @@ from svdexp.runner import compressing
 TINY_MODEL = OmegaConf.load(CONF / "model" / "tiny_random.yaml")
 
 
-def tokens(cfg, tokenizer, bos_only: bool = False):
+def tokens(cfg, tokenizer):
     """The token sets of the run ``cfg``, as the runner makes them."""
-    return run_tokens(cfg, tokenizer, compressing(cfg), bos_only)
+    return run_tokens(cfg, tokenizer, compressing(cfg))
+
+
+def bos_used(cfg, tokenizer) -> dict[str, bool]:
+    """results.json's ``bos`` of the run ``cfg``, as the runner records it."""
+    return bos_record(cfg, tokenizer, compressing(cfg))
 
 
 def smollm2_tokenizer():
@@ -73,7 +78,7 @@ def test_windows_and_chunks_start_with_one_bos_then_text():
     bos = tokenizer.bos_token_id
     cfg = config("eval.ppl.max_chunks=null")                     # auto, compressing (svd_llm at 0.2)
     eval_sets, calib = tokens(cfg, tokenizer)
-    assert tokens(cfg, tokenizer, bos_only=True) == {"calib": True, "ppl": True}
+    assert bos_used(cfg, tokenizer) == {"calib": True, "ppl": True}
     for name, chunks in eval_sets.items():
         stream = tokenize_text(tokenizer, load_text(name, "test"))   # the tokenizer's default: BOS first
         assert stream[0] == bos and (stream[1:] != bos).all()    # the tokenizer's own BOS, once, at the start
@@ -91,7 +96,7 @@ def test_windows_and_chunks_start_with_one_bos_then_text():
 def test_bos_false_and_auto_are_todays_tokens_for_a_tokenizer_that_adds_none():
     tokenizer = smollm2_tokenizer()
     auto, off = tokens(config(), tokenizer), tokens(config("calib.bos=false", "eval.ppl.bos=false"), tokenizer)
-    assert tokens(config(), tokenizer, bos_only=True) == {"calib": False, "ppl": False}
+    assert bos_used(config(), tokenizer) == {"calib": False, "ppl": False}
     before = ({name: eval_chunks(tokenize_text(tokenizer, load_text(name, "test")), 64, 2) for name in ["wiki", "news"]},
               calibration_batch(tokenize_text(tokenizer, load_text("wiki", "train")), 4, 64, 0))
     for got in (auto, off):
@@ -107,7 +112,7 @@ def test_bos_false_with_a_tokenizer_that_adds_bos_keeps_todays_stream():
     eval_sets, calib = tokens(config("calib.bos=false", "eval.ppl.bos=false"), tokenizer)
     wiki = eval_chunks(tokenize_text(tokenizer, load_text("wiki", "test")), 64, 2)
     assert torch.equal(eval_sets["wiki"], wiki) and wiki[0, 0] == tokenizer.bos_token_id != wiki[1, 0]
-    assert tokens(config("calib.bos=false", "eval.ppl.bos=false"), tokenizer, bos_only=True) == \
+    assert bos_used(config("calib.bos=false", "eval.ppl.bos=false"), tokenizer) == \
         {"calib": False, "ppl": False}
 
 
@@ -124,7 +129,7 @@ def test_true_puts_the_bos_of_a_tokenizer_that_does_not_add_it():
 
 def test_calib_bos_of_a_run_that_does_not_compress_is_false_and_unchecked():
     tokenizer = no_bos_tokenizer()
-    assert tokens(config("method=none", "calib.bos=true"), tokenizer, bos_only=True) == {"calib": False, "ppl": False}
+    assert bos_used(config("method=none", "calib.bos=true"), tokenizer) == {"calib": False, "ppl": False}
     eval_sets, calib = tokens(config("method=none", "calib.bos=true"), tokenizer)
     assert calib is None
     with pytest.raises(ConfigError, match=r"eval.ppl.bos=true .* has none .*choose one of: auto"):

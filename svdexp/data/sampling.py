@@ -137,16 +137,25 @@ def strip_bos(tokenizer, ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
     return ids
 
 
-def run_tokens(cfg, tokenizer, compressing: bool, bos_only: bool = False
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | dict[str, bool]:
-    """The perplexity chunks of every evaluation set of the run ``cfg``, and its calibration samples (None when
-    not ``compressing``), each starting with the BOS token where ``eval.ppl.bos`` / ``calib.bos`` say so (``true``
-    without a BOS token in the tokenizer: :class:`ConfigError`). ``bos_only``: only whether they do,
-    ``{"calib": .., "ppl": ..}``."""
+def bos_ids(cfg, tokenizer, compressing: bool) -> dict[str, int | None]:
+    """The BOS token id the calibration windows (``calib``; None when not ``compressing``) and the perplexity
+    chunks (``ppl``) of the run ``cfg`` start with, or None where they start with none (``calib.bos`` /
+    ``eval.ppl.bos``; ``true`` without a BOS token in the tokenizer: :class:`ConfigError`)."""
     ppl_bos = bos_token(tokenizer, "eval.ppl.bos", cfg.eval.ppl.bos)
     calib_bos = bos_token(tokenizer, "calib.bos", cfg.calib.bos) if compressing else None
-    if bos_only:
-        return {"calib": calib_bos is not None, "ppl": ppl_bos is not None}
+    return {"calib": calib_bos, "ppl": ppl_bos}
+
+
+def bos_record(cfg, tokenizer, compressing: bool) -> dict[str, bool]:
+    """results.json's ``bos``: whether the calibration windows and the perplexity chunks start with a BOS token."""
+    return {part: token is not None for part, token in bos_ids(cfg, tokenizer, compressing).items()}
+
+
+def run_tokens(cfg, tokenizer, compressing: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The perplexity chunks of every evaluation set of the run ``cfg``, and its calibration samples (None when
+    not ``compressing``), each starting with the BOS token where :func:`bos_ids` says so."""
+    bos = bos_ids(cfg, tokenizer, compressing)
+    ppl_bos, calib_bos = bos["ppl"], bos["calib"]
 
     def text(dataset: str, split: str, bos: int | None) -> torch.Tensor:
         return strip_bos(tokenizer, tokenize_text(tokenizer, load_text(dataset, split)), bos)
