@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,7 +116,9 @@ def portable(text: str) -> str:
 
     for folder, name in ((ROOT, "."), (cache_root(), "$SVDEXP_CACHE"), (Path(tempfile.gettempdir()), "$TMPDIR"),
                          (Path.home(), "~")):
-        text = text.replace(str(folder.resolve()), name).replace(str(folder), name)
+        for spelling in dict.fromkeys((str(folder.resolve()), str(folder))):
+            # the whole folder only: a sibling whose name starts alike (the home folder + "fs") stays as it is
+            text = re.sub(re.escape(spelling) + r"(?![\w.-])", lambda _: name, text)
     return text
 
 
